@@ -1,0 +1,153 @@
+"""What federated BatchNorm layers exchange when they synchronize, and how it is combined.
+
+A federated BN layer talks to the other clients at exactly two points per synchronized step:
+
+* forward: it sends per-channel ``Moments`` (count, mean, sum of squared deviations) of its
+  local batch and gets back the ``Moments`` of the union batch;
+* backward: it sends its per-channel ``GradSums`` (sum of dL/dy and of dL/dy * xhat, already
+  weighted by its share of the union batch) and gets back their sum over all clients.
+
+``BNChannel`` is one client's end of that exchange. Transports (threads in one process, Flower
+messages, a gRPC service) implement it; every one of them combines with ``combine_moments`` and
+``combine_grad_sums`` below, so all transports compute the same numbers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class BNSyncError(ValueError):
+    """A client's contribution to a BN synchronization is unusable, or the exchange broke."""
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-channel first and second moments of a batch, in the form that merges exactly."""
+
+    count: int  # values per channel: batch size times spatial size
+    mean: Tensor  # shape (C,)
+    m2: Tensor  # sum of squared deviations from `mean`, shape (C,)
+
+    @property
+    def var(self) -> Tensor:
+        """Biased variance, the one BatchNorm normalizes with."""
+        return self.m2 / self.count
+
+
+@dataclass(frozen=True)
+class GradSums:
+    """Per-channel sums of the output gradient g and of g * xhat, shape (C,) each."""
+
+    sum_dy: Tensor
+    sum_dy_xhat: Tensor
+
+
+class BNChannel(ABC):
+    """One client's end of the BN synchronization of one training step.
+
+    ``layer`` names the BN layer (its qualified module name) so that a transport can check
+    that every client is at the same point of the network.
+    """
+
+    @abstractmethod
+    def reduce_moments(self, layer: str, local: Moments) -> Moments:
+        """Send this client's batch moments, return the moments of the union batch."""
+
+    @abstractmethod
+    def reduce_grad_sums(self, layer: str, local: GradSums) -> GradSums:
+        """Send this client's weighted gradient sums, return their sum over all clients."""
+
+
+def check_moments(sender: Hashable, layer: str, moments: Moments) -> None:
+    """Refuse moments that would corrupt the global statistics."""
+    if not isinstance(moments.count, int) or moments.count <= 0:
+        raise BNSyncError(
+            f"client {sender}, layer {layer!r}: count must be a positive integer, "
+            f"got {moments.count!r} (empty batch?)"
+        )
+    _check_vectors(sender, layer, mean=moments.mean, m2=moments.m2)
+    if bool((moments.m2 < 0).any()):
+        raise BNSyncError(f"client {sender}, layer {layer!r}: negative sum of squared deviations")
+
+
+def check_grad_sums(sender: Hashable, layer: str, sums: GradSums) -> None:
+    _check_vectors(sender, layer, sum_dy=sums.sum_dy, sum_dy_xhat=sums.sum_dy_xhat)
+
+
+def combine_moments(layer: str, parts: Mapping[Hashable, Moments]) -> Moments:
+    """Exact moments of the union of the clients' batches (Chan et al.'s parallel formula).
+
+    Computed in float64 whatever the clients' dtype, so that the combination adds no error of
+    its own; callers cast back to their dtype.
+    """
+    _check_same_shape(layer, {k: p.mean for k, p in parts.items()})
+    for sender, part in parts.items():
+        check_moments(sender, layer, part)
+    counts = {k: p.count for k, p in parts.items()}
+    total = sum(counts.values())
+    means = {k: p.mean.double() for k, p in parts.items()}
+    mean = sum(counts[k] * means[k] for k in parts) / total
+    m2 = sum(p.m2.double() + counts[k] * (means[k] - mean) ** 2 for k, p in parts.items())
+    return Moments(total, mean, m2)
+
+
+def combine_grad_sums(layer: str, parts: Mapping[Hashable, GradSums]) -> GradSums:
+    """Sum of the clients' (already weighted) gradient sums, in float64."""
+    _check_same_shape(layer, {k: p.sum_dy for k, p in parts.items()})
+    for sender, part in parts.items():
+        check_grad_sums(sender, layer, part)
+    return GradSums(
+        sum(p.sum_dy.double() for p in parts.values()),
+        sum(p.sum_dy_xhat.double() for p in parts.values()),
+    )
+
+
+def _check_vectors(sender: Hashable, layer: str, **vectors: Tensor) -> None:
+    shapes = {name: tuple(v.shape) for name, v in vectors.items()}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
+        raise BNSyncError(
+            f"client {sender}, layer {layer!r}: expected per-channel vectors of "
+            f"one shape, got {shapes}"
+        )
+    for name, v in vectors.items():
+        if not v.is_floating_point():
+            raise BNSyncError(
+                f"client {sender}, layer {layer!r}: {name} has dtype {v.dtype}, "
+                "expected a floating-point tensor"
+            )
+        if not bool(torch.isfinite(v).all()):
+            raise BNSyncError(f"client {sender}, layer {layer!r}: {name} has non-finite values")
+
+
+def _check_same_shape(layer: str, vectors: Mapping[Hashable, Tensor]) -> None:
+    if not vectors:
+        raise BNSyncError(f"layer {layer!r}: nothing to combine")
+    shapes = {k: tuple(v.shape) for k, v in vectors.items()}
+    if len(set(shapes.values())) != 1:
+        raise BNSyncError(f"layer {layer!r}: clients disagree on the number of channels: {shapes}")
+
+
+def share_of_union(local_count: int, total_count: int) -> float:
+    """A client's weight in the union batch's mean loss, from the BN counts it already has."""
+    if total_count <= 0 or not 0 < local_count <= total_count:
+        raise BNSyncError(f"inconsistent counts: local {local_count}, union {total_count}")
+    return local_count / total_count
+
+
+__all__ = [
+    "BNChannel",
+    "BNSyncError",
+    "GradSums",
+    "Moments",
+    "check_grad_sums",
+    "check_moments",
+    "combine_grad_sums",
+    "combine_moments",
+    "share_of_union",
+]

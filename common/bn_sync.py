@@ -1,0 +1,193 @@
+"""Federated BatchNorm: BN layers of several clients that act as one BN over the union batch.
+
+``FederatedBatchNorm1d/2d/3d`` are ``torch.nn.BatchNorm1d/2d/3d`` with one addition: while a
+``BNChannel`` is attached (``with synchronized(model, channel):``) and the layer is in training
+mode, it normalizes with the statistics of the union of all clients' batches and splits its
+backward pass the same way. Otherwise (eval mode, or plain local steps) it *is* the torch layer.
+
+The math (shared doc, section 2): with xhat = (x - mu) / sqrt(var + eps) and g = dL/dy,
+
+    dL/dx = gamma / sqrt(var + eps) * (g - S1 / N - xhat * S2 / N),
+    S1 = sum of g over the union batch,  S2 = sum of g * xhat over the union batch.
+
+Each client minimizes the mean loss over its own samples, so its g is N / n_k times its share of
+the union's g. It therefore sends its partial sums weighted by n_k / N, and the summed result,
+which is in the union's scale, enters its formula as S / n_k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from common.bn_channel import BNChannel, GradSums, Moments, share_of_union
+
+
+class _SyncedBatchNormFunction(torch.autograd.Function):
+    """BatchNorm over the union batch; the two ``channel`` calls are the only communication."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, channel, layer):
+        dims = [0, *range(2, x.dim())]
+        count = x.numel() // x.size(1)
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        union = channel.reduce_moments(layer, Moments(count, mean, var * count))
+
+        mean, var = union.mean.to(x.dtype), union.var.to(x.dtype)
+        if running_mean is not None:
+            # PyTorch's convention: the running variance is unbiased over the union batch.
+            unbiased = var * (union.count / max(union.count - 1, 1))
+            running_mean.lerp_(mean, momentum)
+            running_var.lerp_(unbiased, momentum)
+
+        invstd = torch.rsqrt(var + eps)
+        xhat = (x - _per_channel(mean, x)) * _per_channel(invstd, x)
+        out = xhat if weight is None else xhat * _per_channel(weight, x) + _per_channel(bias, x)
+
+        ctx.save_for_backward(xhat, weight, invstd)
+        ctx.channel, ctx.layer = channel, layer
+        ctx.count, ctx.share = count, share_of_union(count, union.count)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xhat, weight, invstd = ctx.saved_tensors
+        dims = [0, *range(2, grad_out.dim())]
+        sum_dy = grad_out.sum(dims)
+        sum_dy_xhat = (grad_out * xhat).sum(dims)
+
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            union = ctx.channel.reduce_grad_sums(
+                ctx.layer, GradSums(sum_dy * ctx.share, sum_dy_xhat * ctx.share)
+            )
+            s1 = union.sum_dy.to(grad_out.dtype) / ctx.count
+            s2 = union.sum_dy_xhat.to(grad_out.dtype) / ctx.count
+            scale = invstd if weight is None else invstd * weight
+            grad_x = _per_channel(scale, grad_out) * (
+                grad_out - _per_channel(s1, grad_out) - xhat * _per_channel(s2, grad_out)
+            )
+
+        # gamma and beta only see this client's samples: their local sums are their gradients.
+        grad_weight = sum_dy_xhat if ctx.needs_input_grad[1] else None
+        grad_bias = sum_dy if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+class _FederatedBatchNorm:
+    """Adds the synchronized training step to a torch BatchNorm class (mixed in before it)."""
+
+    _sync: tuple[BNChannel, str] | None = None
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or self._sync is None:
+            return super().forward(input)
+        self._check_input_dim(input)
+        channel, layer = self._sync
+
+        # Same bookkeeping as torch.nn.modules.batchnorm._BatchNorm.forward.
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        track = self.track_running_stats and self.running_mean is not None
+        return _SyncedBatchNormFunction.apply(
+            input, self.weight, self.bias,
+            self.running_mean if track else None, self.running_var if track else None,
+            self.eps, momentum, channel, layer,
+        )  # fmt: skip
+
+
+class FederatedBatchNorm1d(_FederatedBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that can normalize over the union of several clients' batches."""
+
+
+class FederatedBatchNorm2d(_FederatedBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that can normalize over the union of several clients' batches."""
+
+
+class FederatedBatchNorm3d(_FederatedBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` that can normalize over the union of several clients' batches."""
+
+
+_TO_FEDERATED: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: FederatedBatchNorm1d,
+    nn.BatchNorm2d: FederatedBatchNorm2d,
+    nn.BatchNorm3d: FederatedBatchNorm3d,
+}
+_TO_TORCH = {fed: torch_cls for torch_cls, fed in _TO_FEDERATED.items()}
+
+
+def convert_federated_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by its federated twin.
+
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: children are replaced in place, the new
+    layers share the old layers' parameters and buffers, and the (possibly new) root is returned.
+    """
+    return _swap_batchnorms(module, _TO_FEDERATED)
+
+
+def revert_federated_batchnorm(module: nn.Module) -> nn.Module:
+    """Inverse of ``convert_federated_batchnorm``: back to plain torch BatchNorm layers."""
+    return _swap_batchnorms(module, _TO_TORCH)
+
+
+def federated_batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The federated BN layers of ``model`` with their qualified names, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _FederatedBatchNorm)]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@contextmanager
+def synchronized(model: nn.Module, channel: BNChannel) -> Iterator[nn.Module]:
+    """Within this block, the federated BN layers of ``model`` synchronize through ``channel``.
+
+    The layer names become the keys of the exchange, so all clients must use the same model.
+    """
+    layers = federated_batchnorm_layers(model)
+    if not layers:
+        raise ValueError(
+            "the model has no federated BatchNorm layers: "
+            "call convert_federated_batchnorm(model) first"
+        )
+    for name, layer in layers:
+        layer._sync = (channel, name)
+    try:
+        yield model
+    finally:
+        for _, layer in layers:
+            layer._sync = None
+
+
+def _swap_batchnorms(module: nn.Module, mapping: dict[type, type]) -> nn.Module:
+    out = module
+    target = mapping.get(type(module))
+    if target is not None:
+        out = target(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        # Share the buffers (None stays None when running stats are not tracked).
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _swap_batchnorms(child, mapping))
+    return out

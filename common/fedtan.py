@@ -1,0 +1,159 @@
+"""One FedTAN round: the client's local work, and the in-process engine that runs K of them.
+
+A round: every client starts from the global model; its first local step is synchronized (its BN
+layers act as one BN over the union of all clients' batches, through a ``BNChannel``); steps
+2..E are plain local steps; then the server averages the clients' full model states, weighted by
+the number of samples each trained on.
+
+``synced_round`` runs the K clients as threads of this process over an ``InProcessHub``. With one
+batch per client it equals one step of ``torch.optim.SGD`` on the concatenated batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from common.aggregation import average_states
+from common.bn_channel import BNChannel
+from common.bn_sync import convert_federated_batchnorm, has_batchnorm, synchronized
+from common.inprocess_channel import InProcessHub
+
+Batch = tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def train_client(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    loss_fn: LossFn,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    channel: BNChannel | None = None,
+) -> list[float]:
+    """A client's local work in one round; returns the loss of each step.
+
+    ``model`` must already have federated BN layers when ``channel`` is given: the first step
+    synchronizes through it, the others are plain local steps. A fresh SGD optimizer per round,
+    as in the reference implementation.
+    """
+    model.train()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    losses = []
+    for step, (inputs, targets) in enumerate(batches):
+        sync = synchronized(model, channel) if step == 0 and channel is not None else nullcontext()
+        with sync:
+            loss = loss_fn(model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            # Run this backward in the calling thread: on CUDA, autograd's shared device thread
+            # would otherwise block in one client's BN sync while the others wait for it.
+            with torch.autograd.set_multithreading_enabled(False):
+                loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def synced_round(
+    model: nn.Module,
+    client_batches: Sequence[Sequence[Batch]],
+    loss_fn: LossFn,
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    *,
+    allow_no_batchnorm: bool = False,
+    timeout: float | None = 300.0,
+) -> dict[str, Tensor]:
+    """One FedTAN round with K in-process clients; returns the new global ``state_dict``.
+
+    ``client_batches[k]`` lists the ``(inputs, targets)`` batches client k trains on this round
+    (one per local step). ``loss_fn`` must average over the samples of a batch. ``model`` is not
+    modified. A model without BatchNorm layers is refused unless ``allow_no_batchnorm``, in which
+    case the round is plain federated averaging.
+    """
+    check_client_batches(client_batches)
+    _check_mean_reduction(loss_fn)
+    if not has_batchnorm(model) and not allow_no_batchnorm:
+        raise ValueError(
+            "the model has no BatchNorm layers, so FedTAN has nothing to "
+            "synchronize; pass allow_no_batchnorm=True to run plain FedAvg"
+        )
+
+    clients = [convert_federated_batchnorm(copy.deepcopy(model)) for _ in client_batches]
+    hub = InProcessHub(len(clients), timeout=timeout) if has_batchnorm(model) else None
+    errors: list[BaseException | None] = [None] * len(clients)
+
+    def run(rank: int) -> None:
+        try:
+            train_client(
+                clients[rank],
+                client_batches[rank],
+                loss_fn,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                channel=hub.channel(rank) if hub is not None else None,
+            )
+        except BaseException as error:  # noqa: BLE001 - re-raised below, after all threads end
+            errors[rank] = error
+            if hub is not None:
+                hub.abort(error)
+
+    threads = [
+        threading.Thread(target=run, args=(k,), name=f"fedtan-client-{k}")
+        for k in range(len(clients))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # The first client that failed names the cause; the others were only released by it.
+    for rank, error in enumerate(errors):
+        if error is not None:
+            raise RuntimeError(f"client {rank} failed: {error}") from error
+
+    weights = [sum(len(targets) for _, targets in batches) for batches in client_batches]
+    return average_states([c.state_dict() for c in clients], weights)
+
+
+def check_client_batches(client_batches: Sequence[Sequence[Batch]]) -> None:
+    """Refuse a round that cannot be synchronized, naming the client at fault."""
+    if len(client_batches) == 0:
+        raise ValueError("no clients: client_batches is empty")
+    first_shape = None
+    for k, batches in enumerate(client_batches):
+        if len(batches) == 0:
+            raise ValueError(f"client {k} has no batches (it needs at least the synced step)")
+        for step, (inputs, targets) in enumerate(batches):
+            if len(inputs) == 0:
+                raise ValueError(f"client {k}, step {step}: empty batch")
+            if len(inputs) != len(targets):
+                raise ValueError(
+                    f"client {k}, step {step}: {len(inputs)} inputs but {len(targets)} targets"
+                )
+        shape = tuple(batches[0][0].shape[1:])
+        if first_shape is None:
+            first_shape = shape
+        elif shape != first_shape:
+            raise ValueError(
+                f"client {k}: input shape {shape} differs from client 0's "
+                f"{first_shape}; the synced step needs one shape for all clients"
+            )
+
+
+def _check_mean_reduction(loss_fn: LossFn) -> None:
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction != "mean":
+        raise ValueError(
+            f"loss_fn must average over the batch (reduction='mean'), got reduction={reduction!r}"
+        )
