@@ -17,6 +17,7 @@ which is in the union's scale, enters its formula as S / n_k.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,7 +37,8 @@ class _SyncedBatchNormFunction(torch.autograd.Function):
         var, mean = torch.var_mean(x, dim=dims, correction=0)
         union = channel.reduce_moments(layer, Moments(count, mean, var * count))
 
-        mean, var = union.mean.to(x.dtype), union.var.to(x.dtype)
+        # The union statistics may arrive on another device (a transport works on the CPU).
+        mean, var = (v.to(x.device, x.dtype) for v in (union.mean, union.var))
         if running_mean is not None:
             # PyTorch's convention: the running variance is unbiased over the union batch.
             unbiased = var * (union.count / max(union.count - 1, 1))
@@ -64,8 +66,10 @@ class _SyncedBatchNormFunction(torch.autograd.Function):
             union = ctx.channel.reduce_grad_sums(
                 ctx.layer, GradSums(sum_dy * ctx.share, sum_dy_xhat * ctx.share)
             )
-            s1 = union.sum_dy.to(grad_out.dtype) / ctx.count
-            s2 = union.sum_dy_xhat.to(grad_out.dtype) / ctx.count
+            s1, s2 = (
+                v.to(grad_out.device, grad_out.dtype) / ctx.count
+                for v in (union.sum_dy, union.sum_dy_xhat)
+            )
             scale = invstd if weight is None else invstd * weight
             grad_x = _per_channel(scale, grad_out) * (
                 grad_out - _per_channel(s1, grad_out) - xhat * _per_channel(s2, grad_out)
@@ -191,3 +195,34 @@ def _swap_batchnorms(module: nn.Module, mapping: dict[type, type]) -> nn.Module:
     for name, child in module.named_children():
         out.add_module(name, _swap_batchnorms(child, mapping))
     return out
+
+
+class _TracingChannel(BNChannel):
+    """A one-client channel that records the order in which the BN layers synchronize."""
+
+    def __init__(self) -> None:
+        self.forward: list[str] = []
+        self.backward: list[str] = []
+
+    def reduce_moments(self, layer: str, local: Moments) -> Moments:
+        self.forward.append(layer)
+        return local
+
+    def reduce_grad_sums(self, layer: str, local: GradSums) -> GradSums:
+        self.backward.append(layer)
+        return local
+
+
+def trace_sync_points(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn
+) -> tuple[list[str], list[str]]:
+    """The BN layers in the order a synced step reaches them: (forward order, backward order).
+
+    Runs one step on a copy of ``model`` as a single client; a server uses it to know the 2L
+    exchanges of a round before it starts them. The order must not depend on the data.
+    """
+    traced = convert_federated_batchnorm(copy.deepcopy(model)).train()
+    channel = _TracingChannel()
+    with synchronized(traced, channel):
+        loss_fn(traced(inputs), targets).backward()
+    return channel.forward, channel.backward

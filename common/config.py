@@ -1,0 +1,131 @@
+"""The experiment's settings: Flower run config (kebab-case keys) parsed into one typed object.
+
+Defaults live in ``pyproject.toml`` under ``[tool.flwr.app.config]``; ``configs/*.toml`` hold
+ready experiments. A wrong key or value fails at start with a message that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHOICES = {
+    "method": ("fedtan",),
+    "transport": ("messages",),
+    "dataset": ("digits", "cifar10", "synthetic"),
+    "partition": ("iid", "sorted", "dirichlet"),
+    "model": ("resnet20", "resnet32", "resnet44", "resnet56", "small_cnn"),
+    "norm": ("batch", "group", "none"),
+    "on-failure": ("retry", "stop"),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "fedtan"
+    transport: str = "messages"  # how the BN statistics travel during the synced step
+    dataset: str = "digits"
+    data_dir: str = "data"
+    partition: str = "sorted"
+    dirichlet_alpha: float = 0.5
+    num_clients: int = 5  # nodes the server waits for before the first round
+    clients_per_round: int = 0  # 0: every connected node, every round
+    batch_size: int = 32
+    local_steps: int = 1  # E: the first is synchronized, the others are plain local steps
+    lr: float = 0.1
+    lr_milestones: str = ""  # comma-separated rounds at which lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    num_rounds: int = 10
+    model: str = "small_cnn"
+    norm: str = "batch"
+    seed: int = 0
+    eval_interval: int = 1
+    output_dir: str = "outputs"
+    on_failure: str = "retry"  # retry the round with the clients that answered, or stop
+    max_retries: int = 2
+    reply_timeout: float = 600.0  # seconds to wait for the replies of one exchange
+    milestones: tuple[int, ...] = field(default=(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for key, allowed in CHOICES.items():
+            value = getattr(self, key.replace("-", "_"))
+            if value not in allowed:
+                raise ValueError(f"run config '{key}': {value!r} is not one of {list(allowed)}")
+        positive = ("batch_size", "local_steps", "num_rounds", "eval_interval", "num_clients")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"run config '{_key(name)}' must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("clients_per_round", "max_retries", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"run config '{_key(name)}' must be >= 0, got {getattr(self, name)}"
+                )
+        for name in ("lr", "dirichlet_alpha", "reply_timeout", "lr_gamma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(
+                    f"run config '{_key(name)}' must be > 0, got {getattr(self, name)}"
+                )
+        for name in ("momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"run config '{_key(name)}' must be >= 0, got {getattr(self, name)}"
+                )
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"run config 'clients-per-round' ({self.clients_per_round}) "
+                f"exceeds 'num-clients' ({self.num_clients})"
+            )
+        try:
+            milestones = tuple(int(m) for m in self.lr_milestones.split(",") if m.strip())
+        except ValueError:
+            raise ValueError(
+                f"run config 'lr-milestones': expected comma-separated round "
+                f"numbers, got {self.lr_milestones!r}"
+            ) from None
+        if list(milestones) != sorted(milestones) or any(m < 1 for m in milestones):
+            raise ValueError(
+                f"run config 'lr-milestones' must be increasing rounds >= 1, "
+                f"got {self.lr_milestones!r}"
+            )
+        object.__setattr__(self, "milestones", milestones)
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, object]) -> RunConfig:
+        """Parse Flower's run config; unknown keys and wrong types are errors."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        kwargs = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                valid = ", ".join(sorted(_key(n) for n in fields))
+                raise ValueError(f"unknown run config key '{key}'; valid keys: {valid}")
+            kwargs[name] = _coerce(key, value, fields[name].type)
+        return cls(**kwargs)
+
+    def lr_at(self, server_round: int) -> float:
+        """Step schedule: lr times lr_gamma for every milestone reached."""
+        return self.lr * self.lr_gamma ** sum(server_round >= m for m in self.milestones)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: object, type_name: str) -> object:
+    # Flower parses TOML, so ints may arrive where floats are expected; nothing else is coerced.
+    if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {"str": str, "int": int, "float": float}[type_name]
+    if not isinstance(value, expected) or isinstance(value, bool):
+        raise ValueError(f"run config '{key}': expected {type_name}, got {value!r}")
+    return value

@@ -1,0 +1,102 @@
+"""The experiment as a pure function of its config: data, partitions, model, loss and batches.
+
+Server, clients and the in-process reference all build their pieces here, so a client that is
+restarted (or runs in a fresh process per message) recomputes exactly the same batch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import RunConfig
+from common.data import TensorDataset, eval_batches, load_dataset, round_batches
+from common.fedtan import Batch
+from common.models import build_model
+from common.partition import partition
+
+loss_fn = nn.CrossEntropyLoss()  # mean over the batch, as FedTAN's exactness requires
+
+
+@functools.lru_cache(maxsize=4)
+def dataset(name: str, train: bool, data_dir: str, seed: int) -> TensorDataset:
+    """Loaded once per process: reading CIFAR-10 for every message would cost seconds."""
+    return load_dataset(name, train, data_dir=data_dir, seed=seed)
+
+
+@functools.lru_cache(maxsize=8)
+def partitions(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
+    train = dataset(cfg.dataset, True, cfg.data_dir, cfg.seed)
+    return tuple(
+        partition(
+            train.labels.numpy(),
+            num_partitions,
+            cfg.partition,
+            alpha=cfg.dirichlet_alpha,
+            seed=cfg.seed,
+        )
+    )
+
+
+def client_batches(
+    cfg: RunConfig,
+    partition_id: int,
+    num_partitions: int,
+    server_round: int,
+    *,
+    batch_size: int,
+    local_steps: int,
+) -> list[Batch]:
+    """The batches client ``partition_id`` trains on in ``server_round``, one per local step."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is not in [0, {num_partitions})")
+    return round_batches(
+        dataset(cfg.dataset, True, cfg.data_dir, cfg.seed),
+        partitions(cfg, num_partitions)[partition_id],
+        round_num=server_round,
+        num_steps=local_steps,
+        batch_size=batch_size,
+        seed=cfg.seed,
+        client_id=partition_id,
+    )
+
+
+def build_global_model(cfg: RunConfig) -> nn.Module:
+    """The initial global model; seeded, so every process builds the same one."""
+    test = dataset(cfg.dataset, False, cfg.data_dir, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return build_model(
+        cfg.model, in_channels=test.in_channels, num_classes=test.num_classes, norm=cfg.norm
+    )
+
+
+def example_batch(cfg: RunConfig, size: int = 4) -> Batch:
+    """A few test samples, enough to trace the model's BN sync points."""
+    return next(eval_batches(dataset(cfg.dataset, False, cfg.data_dir, cfg.seed), size))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, cfg: RunConfig, device: torch.device | None = None, batch_size: int = 500
+) -> dict[str, float]:
+    """Test loss and accuracy of ``model`` in eval mode (BN uses its running statistics)."""
+    device = device or pick_device()
+    model = model.to(device).eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for inputs, targets in eval_batches(
+        dataset(cfg.dataset, False, cfg.data_dir, cfg.seed), batch_size
+    ):
+        inputs, targets = inputs.to(device), targets.to(device)
+        logits = model(inputs)
+        total_loss += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        correct += int((logits.argmax(1) == targets).sum())
+        seen += len(targets)
+    return {"test-loss": total_loss / seen, "test-accuracy": correct / seen}
+
+
+def pick_device() -> torch.device:
+    """The local GPU when there is one, the CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,86 @@
+"""One server round trip: a message to each node, exactly one good reply from each, or a failure.
+
+Every FedTAN exchange needs all the round's clients, so a missing, failed or foreign reply stops
+the round; ``RoundFailure`` names the nodes at fault so the strategy can retry without them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+MODEL_KEY = "arrays"
+
+
+class RoundFailure(RuntimeError):
+    """The round cannot complete; ``nodes`` are the clients at fault (may be empty)."""
+
+    def __init__(self, message: str, nodes: set[int] | frozenset[int] = frozenset()) -> None:
+        super().__init__(message)
+        self.nodes = frozenset(nodes)
+
+
+@dataclass
+class Traffic:
+    """What a round cost on the wire: sequential round trips, and bytes of model vs. BN data."""
+
+    round_trips: int = 0
+    model_bytes: int = 0
+    bn_bytes_down: int = 0
+    bn_bytes_up: int = 0
+
+    def add(self, sent: Sequence[Message], replies: Sequence[Message]) -> None:
+        self.round_trips += 1
+        for msgs, direction in ((sent, "down"), (replies, "up")):
+            for msg in msgs:
+                model, other = _split_bytes(msg.content)
+                self.model_bytes += model
+                if direction == "down":
+                    self.bn_bytes_down += other
+                else:
+                    self.bn_bytes_up += other
+
+
+def exchange(
+    grid: Grid, messages: Sequence[Message], *, timeout: float, traffic: Traffic | None = None
+) -> dict[int, Message]:
+    """Send ``messages`` (one per node); return each node's reply, or raise ``RoundFailure``."""
+    expected = {msg.metadata.dst_node_id: msg.metadata for msg in messages}
+    replies: dict[int, Message] = {}
+    problems: dict[int, str] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node, sent = reply.metadata.src_node_id, expected.get(reply.metadata.src_node_id)
+        if sent is None or reply.metadata.group_id != sent.group_id:
+            continue  # not a reply to this exchange (late or foreign): never used
+        if reply.has_error():
+            problems[node] = f"error {reply.error.code}: {reply.error.reason}"
+        elif reply.metadata.message_type != sent.message_type:
+            problems[node] = f"replied with {reply.metadata.message_type!r}"
+        elif node in replies:
+            problems[node] = "replied twice"
+        else:
+            replies[node] = reply
+    for node in expected:
+        if node not in replies and node not in problems:
+            problems[node] = f"no reply within {timeout:g} s"
+    if problems:
+        kind = messages[0].metadata.message_type
+        detail = "; ".join(f"node {node}: {why}" for node, why in sorted(problems.items()))
+        raise RoundFailure(f"{kind} failed: {detail}", set(problems))
+    if traffic is not None:
+        traffic.add(messages, list(replies.values()))
+    return replies
+
+
+def _split_bytes(content: RecordDict) -> tuple[int, int]:
+    model = other = 0
+    for key, record in content.array_records.items():
+        size = sum(array.numpy().nbytes for array in record.values())
+        if key == MODEL_KEY:
+            model += size
+        else:
+            other += size
+    return model, other
