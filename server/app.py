@@ -7,6 +7,7 @@ from logging import INFO
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
 
 from common import task
 from common.bn_sync import trace_sync_points
@@ -20,6 +21,11 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)  # a wrong key or value stops here
+    run_fedtan(grid, cfg)
+
+
+def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
+    """A whole FedTAN run on ``grid``; results go to ``cfg.output_dir`` round by round."""
     model = task.build_global_model(cfg)
     inputs, targets = task.example_batch(cfg)
     sync_points = trace_sync_points(model, inputs, targets, task.loss_fn)
@@ -46,8 +52,7 @@ def main(grid: Grid, context: Context) -> None:
     )
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        due = server_round % cfg.eval_interval == 0 or server_round == cfg.num_rounds
-        if not due:
+        if server_round % cfg.eval_interval and server_round != cfg.num_rounds:
             return None
         model.load_state_dict(arrays.to_torch_state_dict())
         return MetricRecord(task.evaluate(model, cfg))
@@ -62,3 +67,4 @@ def main(grid: Grid, context: Context) -> None:
     done = len(result.train_metrics_clientapp)
     recorder.finish("completed" if done == cfg.num_rounds else "stopped", done)
     log(INFO, "Results in %s (%d of %d rounds)", cfg.output_path.resolve(), done, cfg.num_rounds)
+    return result

@@ -175,6 +175,8 @@ class FedTAN(FedAvg):
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
         """Flower's round loop; a failed round leaves the global model as it was."""
+        log(INFO, "Starting FedTAN for %d rounds:", num_rounds)
+        self.summary()
         result = Result(arrays=initial_arrays)
         train_config = train_config or ConfigRecord()
         if evaluate_fn is not None and (metrics := evaluate_fn(0, initial_arrays)) is not None:

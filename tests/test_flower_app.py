@@ -1,0 +1,210 @@
+"""The Flower app, specified against the in-process engine.
+
+The real strategy (server/) talks to the real ClientApp (client/) through an in-memory Grid, so
+these tests check what the messages carry; tests/test_flower_runtime.py runs the same app under
+Flower's simulation and deployment runtimes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import Message
+
+from client.app import app as client_app
+from common import task
+from common.config import RunConfig
+from common.fedtan import synced_round
+from server.app import run_fedtan
+from tests.flower_harness import LocalGrid
+
+BASE = {
+    "dataset": "digits",
+    "model": "small_cnn",
+    "partition": "sorted",
+    "num-clients": 3,
+    "batch-size": 12,
+    "num-rounds": 2,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight-decay": 1e-4,
+    "max-retries": 1,
+}
+
+
+def run(tmp_path, faults=None, num_nodes=3, **overrides):
+    run_config = {**BASE, "output-dir": str(tmp_path / "out"), **overrides}
+    grid = LocalGrid(client_app, num_nodes, run_config, faults)
+    return run_fedtan(grid, RunConfig.from_flower(run_config)), grid
+
+
+def in_process_reference(cfg: RunConfig, num_clients: int) -> dict[str, torch.Tensor]:
+    """The same rounds through the in-process engine: what the messages must reproduce."""
+    model = task.build_global_model(cfg)
+    for r in range(1, cfg.num_rounds + 1):
+        batches = [
+            task.client_batches(
+                cfg, k, num_clients, r, batch_size=cfg.batch_size, local_steps=cfg.local_steps
+            )
+            for k in range(num_clients)
+        ]
+        model.load_state_dict(
+            synced_round(
+                model,
+                batches,
+                task.loss_fn,
+                lr=cfg.lr_at(r),
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+            )
+        )
+    return model.state_dict()
+
+
+def assert_states_equal(actual, expected, atol=1e-6):
+    assert list(actual) == list(expected)
+    for key in expected:
+        assert actual[key].dtype == expected[key].dtype, key
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("local_steps", [1, 3])
+def test_messages_give_the_in_process_engine_model(tmp_path, local_steps):
+    result, _ = run(tmp_path, **{"local-steps": local_steps, "lr-milestones": "2"})
+    cfg = RunConfig.from_flower({**BASE, "local-steps": local_steps, "lr-milestones": "2"})
+    assert_states_equal(result.arrays.to_torch_state_dict(), in_process_reference(cfg, 3))
+
+
+def test_a_round_costs_2L_sync_exchanges_plus_the_train_message(tmp_path):
+    _, grid = run(tmp_path, **{"num-rounds": 1})
+    num_bn_layers = 3  # small_cnn: two BatchNorm2d and one BatchNorm1d
+    types = [m.metadata.message_type for m in grid.sent]
+    assert types.count("query.bn_forward") == 3 * num_bn_layers
+    assert types.count("query.bn_backward") == 3 * num_bn_layers
+    assert types.count("train.fedtan") == 3
+    # The model travels once per client and round: with the first query only.
+    with_model = [m for m in grid.sent if "arrays" in m.content.array_records]
+    assert len(with_model) == 3
+    assert all(m.metadata.message_type == "query.bn_forward" for m in with_model)
+
+
+def test_results_are_written_every_round(tmp_path):
+    run(tmp_path)
+    out = tmp_path / "out"
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("round,") and len(rows) == 3
+    assert {"train-loss", "test-accuracy", "round_trips", "bn_bytes_up"} <= set(rows[0].split(","))
+    assert '"status": "completed"' in (out / "summary.json").read_text()
+    assert set(torch.load(out / "model.pt")) == set(
+        task.build_global_model(RunConfig.from_flower(BASE)).state_dict()
+    )
+
+
+# --- faults: a bad or missing reply stops the round, names the client, loses nothing ---------
+
+
+def corrupt_stats(value):
+    def fault(reply: Message) -> Message:
+        if reply.metadata.message_type == "query.bn_forward" and not reply.has_error():
+            mean = reply.content.array_records["bn-local"]["mean"].numpy().copy()
+            from flwr.app import Array
+
+            reply.content.array_records["bn-local"]["mean"] = Array(value(mean))
+        return reply
+
+    return fault
+
+
+def nan_stats(mean):
+    mean[0] = math.nan
+    return mean
+
+
+FAULTS = {
+    "non-finite statistics": (corrupt_stats(nan_stats), "non-finite"),
+    "wrongly shaped statistics": (corrupt_stats(lambda m: m[:-1]), "one shape"),
+    "a client that vanishes": (lambda reply: None, "no reply"),
+    "a stale reply": (
+        lambda reply: _retag(reply, "round", 99) if not reply.has_error() else reply,
+        "stale",
+    ),
+}
+
+
+def _retag(reply: Message, key: str, value) -> Message:
+    if "bn-local-meta" in reply.content.config_records:
+        reply.content.config_records["bn-local-meta"][key] = value
+    return reply
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_faulty_client_is_named_and_the_round_retried_without_it(tmp_path, caplog, fault):
+    inject, expected_message = FAULTS[fault]
+    bad_node = 1001
+    result, grid = run(tmp_path, faults={bad_node: inject})
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert any(expected_message in f and str(bad_node) in f for f in failures), failures
+    # Both rounds completed with the two good clients; the model is finite.
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert all(m["clients"] == 2 for m in result.train_metrics_clientapp.values())
+    for tensor in result.arrays.to_torch_state_dict().values():
+        assert torch.isfinite(tensor.double()).all()
+
+
+def test_on_failure_stop_ends_cleanly_with_the_last_good_model(tmp_path):
+    fails_in_round_2 = {1002: vanish_at_train_reply(2)}
+    result, _ = run(tmp_path, faults=fails_in_round_2, **{"on-failure": "stop"})
+    assert sorted(result.train_metrics_clientapp) == [1]
+    saved = torch.load(tmp_path / "out" / "model.pt")
+    assert_states_equal(saved, result.arrays.to_torch_state_dict(), atol=0)
+    assert '"status": "stopped"' in (tmp_path / "out" / "summary.json").read_text()
+    # ... and that model is round 1 of the in-process engine.
+    cfg = RunConfig.from_flower({**BASE, "num-rounds": 1})
+    assert_states_equal(saved, in_process_reference(cfg, 3))
+
+
+def vanish_at_train_reply(n: int):
+    """A client that answers everything until its n-th train reply, which never arrives."""
+    seen = []
+
+    def fault(reply: Message) -> Message | None:
+        if reply.metadata.message_type == "train.fedtan":
+            seen.append(reply)
+            if len(seen) == n:
+                return None
+        return reply
+
+    return fault
+
+
+def test_a_client_without_the_rounds_model_refuses_a_stale_query(tmp_path):
+    _, grid = run(tmp_path, **{"num-rounds": 1})
+    later_query = next(m for m in grid.sent if m.metadata.message_type == "query.bn_backward")
+    later_query.content.config_records["config"]["round"] = 7
+    with pytest.raises(Exception, match="no global model for round 7"):
+        client_app(later_query, grid.contexts[later_query.metadata.dst_node_id])
+
+
+def test_an_unknown_message_type_is_refused_by_the_client(tmp_path):
+    _, grid = run(tmp_path, **{"num-rounds": 1})
+    msg = grid.sent[0]
+    msg.metadata.__dict__["_message_type"] = "query.bn_sideways"
+    with pytest.raises(ValueError, match="bn_sideways"):
+        client_app(msg, grid.contexts[msg.metadata.dst_node_id])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"learning-rate": 0.1}, "unknown run config key 'learning-rate'"),
+        ({"lr": "fast"}, "'lr': expected float"),
+        ({"partition": "by-color"}, "'partition': 'by-color' is not one of"),
+        ({"local-steps": 0}, "'local-steps' must be >= 1"),
+        ({"lr-milestones": "600,oops"}, "'lr-milestones'"),
+    ],
+)
+def test_a_wrong_config_fails_at_start_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_flower({**BASE, **override})
