@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from common.aggregation import average_states
-from common.bn_channel import BNChannel
+from common.bn_channel import BNChannel, BNSyncError
 from common.bn_sync import convert_federated_batchnorm, has_batchnorm, synchronized
 from common.inprocess_channel import InProcessHub
 
@@ -117,10 +117,16 @@ def synced_round(
         thread.start()
     for thread in threads:
         thread.join()
-    # The first client that failed names the cause; the others were only released by it.
-    for rank, error in enumerate(errors):
-        if error is not None:
-            raise RuntimeError(f"client {rank} failed: {error}") from error
+    # Raise the cause, not its echoes: a client released by another's failure holds a
+    # BNSyncError whose __cause__ is that failure. A failed exchange is re-raised as the
+    # BNSyncError it is (it names the client and layer at fault).
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        echoes = {id(e) for _, e in failed if any(e.__cause__ is other for _, other in failed)}
+        rank, error = next((r, e) for r, e in failed if id(e) not in echoes)
+        if isinstance(error, BNSyncError):
+            raise error
+        raise RuntimeError(f"client {rank} failed: {error}") from error
 
     weights = [sum(len(targets) for _, targets in batches) for batches in client_batches]
     return average_states([c.state_dict() for c in clients], weights)
