@@ -62,7 +62,8 @@ def test_group_norm_replaces_every_batch_norm(name: str) -> None:
 def test_group_count_is_configurable_and_checked() -> None:
     model = build_model("resnet20", in_channels=3, num_classes=10, norm="group", num_groups=4)
     assert {m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)} == {4}
-    with pytest.raises(ValueError, match="num_groups"):
+    # Refused up front, with a message that says what is wrong (3 does not divide 16).
+    with pytest.raises(ValueError, match="num_groups=3 must .* divide every channel width"):
         build_model("resnet20", in_channels=3, num_classes=10, norm="group", num_groups=3)
 
 
