@@ -1,0 +1,274 @@
+"""The Flower app under Flower's own runtimes: the model must be the in-process engine's.
+
+* Simulation: ``flwr run . local`` (a ``:local:`` federation: the CLI starts a detached
+  simulation SuperLink) with 3 simulated SuperNodes on a pool of 2 Ray actors, so messages of one
+  node land on different actor processes.
+* Deployment: ``flower-superlink`` + two ``flower-supernode`` processes on 127.0.0.1, the run
+  submitted with ``flwr run`` to a federation in ``$FLWR_HOME/config.toml``; every message runs in
+  a fresh ClientApp process.
+
+Each test has a hard time budget (every wait is bounded by it) and stops every process it
+started, including the detached local SuperLink and Ray's workers (``tests/flower_processes``).
+Traffic stays on 127.0.0.1 (free ports; Ray is told to bind the loopback address).
+Budgets: ``FEDTAN_SIMULATION_TEST_TIMEOUT_S`` (default 300), ``FEDTAN_DEPLOYMENT_TEST_TIMEOUT_S``
+(default 360); a deployment round is 7 exchanges of about 6 s on an idle 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from common.config import RunConfig
+from tests.flower_processes import (
+    LOOPBACK,
+    Deadline,
+    ManagedProcess,
+    adopt_process,
+    flower_bin,
+    flower_env,
+    free_ports,
+    local_superlink_env,
+    local_superlink_pids,
+    logs,
+    process_table,
+    start_process,
+    stop_processes,
+    wait_for_file,
+    wait_for_log,
+    wait_for_port,
+    write_flower_config,
+    write_run_config,
+)
+from tests.test_flower_app import in_process_reference
+
+APP_DIR = Path(__file__).resolve().parents[1]
+SIMULATION_TIMEOUT_S = float(os.environ.get("FEDTAN_SIMULATION_TEST_TIMEOUT_S", 300))
+DEPLOYMENT_TIMEOUT_S = float(os.environ.get("FEDTAN_DEPLOYMENT_TEST_TIMEOUT_S", 360))
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="process bookkeeping reads /proc"
+)
+
+BASE = {
+    "dataset": "digits",
+    "model": "small_cnn",
+    "batch-size": 12,
+    "local-steps": 2,
+    "momentum": 0.9,
+}
+
+
+def reference_config(run_config: dict) -> RunConfig:
+    """What the ServerApp sees: pyproject's run config defaults, overridden by ``run_config``."""
+    with open(APP_DIR / "pyproject.toml", "rb") as f:
+        defaults = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    return RunConfig.from_flower({**defaults, **run_config})
+
+
+def assert_same_model(path: Path, expected: dict[str, torch.Tensor]) -> None:
+    actual = torch.load(path, map_location="cpu")
+    assert list(actual) == list(expected), "state_dict keys differ"
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype, f"{key}: {actual[key].dtype} != {value.dtype}"
+        torch.testing.assert_close(
+            actual[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}"
+        )
+
+
+def read_summary(out: Path, procs, deadline: Deadline) -> dict:
+    """The run's summary.json: written by the ServerApp when its last round is done."""
+    summary = wait_for_file(
+        out / "summary.json", timeout=deadline.remaining(at_most=60), procs=procs
+    )
+    return json.loads(summary.read_text())
+
+
+def wait_for_cli(flwr: ManagedProcess, deadline: Deadline, others=()) -> None:
+    """Wait for ``flwr run --stream`` to return (it streams the run's logs until the run ends)."""
+    try:
+        flwr.popen.wait(timeout=deadline.remaining())
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"flwr run did not finish within the test's {deadline.seconds:.0f} s\n"
+            + logs([flwr, *others])
+        )
+    if flwr.returncode() != 0:
+        pytest.fail(f"flwr run exited with {flwr.returncode()}\n" + logs([flwr, *others]))
+
+
+def started_run_id(flwr: ManagedProcess) -> str | None:
+    match = re.search(r"Successfully started run (\d+)", flwr.log_path.read_text(errors="replace"))
+    return match.group(1) if match else None
+
+
+def test_simulation_on_two_ray_actors_gives_the_in_process_engine_model(tmp_path):
+    deadline = Deadline(SIMULATION_TIMEOUT_S)
+    home, out = tmp_path / "flwr-home", tmp_path / "out"
+    env = local_superlink_env(home)
+    write_flower_config(home, {"local": {"address": ":local:"}})
+    run_config = {**BASE, "num-clients": 3, "num-rounds": 2, "output-dir": str(out)}
+    run_toml = write_run_config(tmp_path / "run-config.toml", run_config)
+    # Ray gets 2 CPUs whatever the machine has, and each ClientApp 1: a pool of 2 actors.
+    federation_config = "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=2"
+
+    procs: list[ManagedProcess] = []
+    actors: set[int] = set()
+    try:
+        flwr = start_process(
+            [
+                *flower_bin("flwr"),
+                "run",
+                ".",
+                "local",
+                "--run-config",
+                str(run_toml),
+                "--federation-config",
+                federation_config,
+                "--stream",
+            ],
+            name="flwr-run",
+            log_dir=tmp_path / "logs",
+            env=env,
+            cwd=APP_DIR,
+        )
+        procs.append(flwr)
+        link = None
+        while flwr.running() and deadline.remaining() > 0:
+            if link is None and (pids := local_superlink_pids(home)):
+                link = adopt_process(
+                    pids[0],
+                    name="local-superlink",
+                    log_path=home / "local-superlink" / "superlink.log",
+                )
+                procs.append(link)
+            if link is not None:
+                table = process_table()
+                actors |= {
+                    pid
+                    for pid in link.refresh(table)
+                    if table[pid].cmdline.startswith("ray::ClientAppActor")
+                }
+            time.sleep(0.5)
+        wait_for_cli(flwr, deadline, procs[1:])
+        assert link is not None, "flwr run never started a local SuperLink\n" + logs(procs)
+        summary = read_summary(out, [link], deadline)
+        assert summary["status"] == "completed", summary
+        assert summary["rounds_completed"] == 2, summary
+    finally:
+        # The local SuperLink is detached from flwr run: also stop one this loop did not adopt.
+        known = {p.pid for p in procs}
+        procs += [
+            adopt_process(pid, name="local-superlink")
+            for pid in local_superlink_pids(home)
+            if pid not in known
+        ]
+        run_s = deadline.elapsed()
+        killed = stop_processes(procs)
+        print(f"run {run_s:.0f} s, teardown {deadline.elapsed() - run_s:.0f} s", *killed, sep="\n")
+
+    assert len(actors) >= 2, f"expected a pool of 2 Ray actors, saw {sorted(actors)}"
+    expected = in_process_reference(reference_config(run_config), 3)
+    assert_same_model(out / "model.pt", expected)
+    print(f"total {deadline.elapsed():.0f} s; Ray actor pids {sorted(actors)}")
+
+
+def test_deployment_superlink_and_two_supernodes_give_the_in_process_engine_model(tmp_path):
+    deadline = Deadline(DEPLOYMENT_TIMEOUT_S)
+    home, out, log_dir = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
+    env = flower_env(home)
+    link_port, *node_ports = free_ports(3)
+    write_flower_config(
+        home, {"deployment": {"address": f"{LOOPBACK}:{link_port}", "insecure": True}}
+    )
+    run_config = {**BASE, "num-clients": 2, "num-rounds": 1, "output-dir": str(out)}
+    run_toml = write_run_config(tmp_path / "run-config.toml", run_config)
+
+    procs: list[ManagedProcess] = []
+    try:
+        # One port serves the Fleet, Control and Runtime (ServerApp) APIs in Flower 1.42.
+        link = start_process(
+            [
+                *flower_bin("flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                LOOPBACK,
+                "--port",
+                str(link_port),
+            ],
+            name="superlink",
+            log_dir=log_dir,
+            env=env,
+            cwd=tmp_path,
+        )
+        procs.append(link)
+        wait_for_port(link_port, timeout=deadline.remaining(at_most=60), procs=[link])
+        nodes = [
+            start_process(
+                [
+                    *flower_bin("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"{LOOPBACK}:{link_port}",
+                    "--host",
+                    LOOPBACK,
+                    "--port",
+                    str(node_port),
+                    "--node-config",
+                    f"partition-id={k} num-partitions=2",
+                ],
+                name=f"supernode-{k}",
+                log_dir=log_dir,
+                env=env,
+                cwd=tmp_path,
+            )
+            for k, node_port in enumerate(node_ports)
+        ]
+        procs += nodes
+        for node in nodes:  # connected to the SuperLink
+            wait_for_log(node, "SuperNode ID", timeout=deadline.remaining(60), procs=[link])
+
+        flwr = start_process(
+            [
+                *flower_bin("flwr"),
+                "run",
+                ".",
+                "deployment",
+                "--run-config",
+                str(run_toml),
+                "--stream",
+            ],
+            name="flwr-run",
+            log_dir=log_dir,
+            env=env,
+            cwd=APP_DIR,
+        )
+        procs.append(flwr)
+        wait_for_cli(flwr, deadline, [link, *nodes])
+        assert started_run_id(flwr), logs([flwr])
+        summary = read_summary(out, [link, *nodes], deadline)
+        assert summary["status"] == "completed", summary
+        assert summary["rounds_completed"] == 1, summary
+        assert all(node.running() for node in nodes), logs(nodes)
+    finally:
+        run_s = deadline.elapsed()
+        killed = stop_processes(procs)
+        print(f"run {run_s:.0f} s, teardown {deadline.elapsed() - run_s:.0f} s", *killed, sep="\n")
+
+    expected = in_process_reference(reference_config(run_config), 2)
+    assert_same_model(out / "model.pt", expected)
+    print(f"total {deadline.elapsed():.0f} s")
