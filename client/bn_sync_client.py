@@ -1,0 +1,155 @@
+"""The client's end of the low-latency BN synchronization channel (see server/bn_sync_service.py).
+
+A ``GrpcBNChannel`` lives for one round: the ServerApp's train message carries the service
+address, the round id and this client's credential; the ClientApp opens the channel, runs its
+synchronized step through it and closes it. One gRPC channel, hence one HTTP/2 connection, serves
+all 2L exchanges of the round. The step is sequential, so there is one call in flight at a time,
+numbered by ``seq`` so that the service can refuse duplicates and out-of-step calls.
+
+    with GrpcBNChannel(address, round_id=r, client_id=c, credential=cred) as channel:
+        train_client(model, batches, loss_fn, lr=lr, channel=channel)
+
+Leaving the ``with`` block by an exception tells the service that this client gives up, so that
+the other clients of the round are released at once instead of after the service's timeout.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import grpc
+from torch import Tensor
+
+from common.bn_channel import BNChannel, BNSyncError, GradSums, Moments
+from common.bn_wire import (
+    REDUCE_METHOD,
+    ErrorReply,
+    ReduceRequest,
+    decode,
+    encode,
+    encode_request,
+)
+
+_ABORT_TIMEOUT = 2.0  # best effort: never hold up the client's own failure for long
+
+
+class GrpcBNChannel(BNChannel):
+    """One client's BN channel for one round, over gRPC (TLS when ``root_certificates``).
+
+    ``timeout`` bounds one exchange, waiting for the slowest client included (plus a few seconds
+    of grace, so that a service with the same timeout reports who it waited for first). Every
+    failure is raised as ``BNSyncError`` with the service's explanation.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        round_id: int,
+        client_id: str,
+        credential: str,
+        root_certificates: bytes | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.address, self.round_id, self.client_id = address, round_id, client_id
+        self._credential, self._timeout = credential, timeout
+        # The gRPC deadline has some grace: with equal timeouts on both ends, the service, which
+        # can name the client it waited for, must answer before this client gives up on its own.
+        self._deadline = timeout + min(5.0, timeout / 2)
+        self._seq = 0
+        self._closed = False
+        self._refused = False  # the service has answered with an error: it knows already
+        if root_certificates is None:
+            self._channel = grpc.insecure_channel(address)
+        else:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, creds)
+        # Bytes in, bytes out; registered as generated stubs do (a faster call path).
+        self._reduce = self._channel.unary_unary(REDUCE_METHOD, _registered_method=True)
+
+    def reduce_moments(self, layer: str, local: Moments) -> Moments:
+        return self._exchange("forward", layer, local)
+
+    def reduce_grad_sums(self, layer: str, local: GradSums) -> GradSums:
+        return self._exchange("backward", layer, local)
+
+    def abort(self, reason: str) -> None:
+        """Tell the service that this client cannot go on; the round stops for everyone."""
+        if self._closed or self._refused:
+            return
+        request = self._request("abort", "", ErrorReply(reason), seq=self._seq)
+        try:
+            self._reduce(request, timeout=min(self._timeout, _ABORT_TIMEOUT))
+        except grpc.RpcError:
+            pass  # the expected answer is an error status: the round is now aborted
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def __enter__(self) -> GrpcBNChannel:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc is not None and not self._refused:
+                self.abort(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.close()
+
+    def _exchange(self, phase: str, layer: str, local: Moments | GradSums) -> Moments | GradSums:
+        if self._closed:
+            raise BNSyncError(f"client {self.client_id!r}: the BN channel is closed")
+        request = self._request(phase, layer, local, seq=self._seq)
+        self._seq += 1
+        try:
+            reply = self._reduce(request, timeout=self._deadline)
+        except grpc.RpcError as error:
+            self._refused = True
+            raise BNSyncError(self._explain(error, phase, layer)) from None
+        try:
+            result = decode(reply)
+        except BNSyncError as error:
+            raise BNSyncError(f"client {self.client_id!r}: unreadable reply: {error}") from None
+        mine = local.mean if isinstance(local, Moments) else local.sum_dy
+        if type(result) is not type(local) or len(_first(result)) != len(mine):
+            raise BNSyncError(
+                f"client {self.client_id!r}: the BN sync service answered {phase} of layer "
+                f"{layer!r} with {type(result).__name__} of the wrong kind or size"
+            )
+        # Like the in-process combine: float64, on the device of the caller's tensors (CUDA).
+        device = mine.device
+        if isinstance(result, Moments):
+            return Moments(result.count, result.mean.to(device), result.m2.to(device))
+        return GradSums(result.sum_dy.to(device), result.sum_dy_xhat.to(device))
+
+    def _request(self, phase: str, layer: str, value: object, *, seq: int) -> bytes:
+        return encode_request(
+            ReduceRequest(
+                self.round_id, self.client_id, self._credential, phase, layer, seq, encode(value)
+            )
+        )
+
+    def _explain(self, error: grpc.RpcError, phase: str, layer: str) -> str:
+        code = error.code() if isinstance(error, grpc.Call) else None
+        details = error.details() if isinstance(error, grpc.Call) else str(error)
+        where = f"client {self.client_id!r}, {phase} of layer {layer!r}"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"{where}: no answer from the BN sync service within {self._deadline:g} s"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return f"{where}: BN sync service at {self.address} unreachable: {details}"
+        name = code.name if code is not None else "error"
+        return f"{where}: BN sync service refused ({name}): {details}"
+
+
+def _first(value: object) -> Tensor:
+    return value.mean if isinstance(value, Moments) else value.sum_dy
+
+
+__all__ = ["GrpcBNChannel"]
