@@ -8,6 +8,8 @@ Message types (the server's side is ``server/message_sync.py``):
   ``context.state`` (it persists per node in simulation and deployment alike).
 * ``train.fedtan``: with all union statistics, take the synced step and E-1 local steps; reply
   with the new model and the number of samples trained on.
+* ``train.local`` / ``evaluate.local``: the baselines' plain local training and client-side
+  evaluation (``client/baselines.py``).
 
 Nothing is kept in process memory between messages, so any Ray actor, or a fresh process per
 message in deployment, gives the same answers.
@@ -18,6 +20,8 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import baselines
+from client.bn_sync_client import GrpcBNChannel
 from client.replay import ReplayChannel, capture_local_stats
 from common import task
 from common.bn_channel import BNSyncError
@@ -41,21 +45,32 @@ def bn_backward(msg: Message, context: Context) -> Message:
     return _reply_local_stats(msg, context, BACKWARD)
 
 
+@app.train("local")
+def train_local(msg: Message, context: Context) -> Message:
+    return baselines.train(msg, context, _partition(context))
+
+
+@app.evaluate("local")
+def evaluate_local(msg: Message, context: Context) -> Message:
+    return baselines.evaluate(msg, context, _partition(context))
+
+
 @app.train("fedtan")
 def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     model, batches = _round_model_and_batches(msg, context, int(config["local-steps"]))
-    channel = ReplayChannel(UnionStats.from_records(msg.content))
-    losses = train_client(
-        model,
-        batches,
-        task.loss_fn,
-        lr=float(config["lr"]),
-        momentum=float(config["momentum"]),
-        weight_decay=float(config["weight-decay"]),
-        channel=channel,
-    )
-    channel.check_consumed()
+    hyper = {
+        "lr": float(config["lr"]),
+        "momentum": float(config["momentum"]),
+        "weight_decay": float(config["weight-decay"]),
+    }
+    if "bn-sync-address" in config:  # transport = "grpc": sync live with the other clients
+        with _grpc_channel(config, context) as channel:
+            losses = train_client(model, batches, task.loss_fn, channel=channel, **hyper)
+    else:
+        channel = ReplayChannel(UnionStats.from_records(msg.content))
+        losses = train_client(model, batches, task.loss_fn, channel=channel, **hyper)
+        channel.check_consumed()
     metrics = {
         "num-examples": sum(len(targets) for _, targets in batches),
         "train-loss": losses[0],  # the synced step's loss: the union loss's share of this client
@@ -65,6 +80,18 @@ def train(msg: Message, context: Context) -> Message:
         {"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": MetricRecord(metrics)}
     )
     return Message(content, reply_to=msg)
+
+
+def _grpc_channel(config: ConfigRecord, context: Context) -> GrpcBNChannel:
+    root = str(config["bn-sync-root-certificates"])
+    return GrpcBNChannel(
+        str(config["bn-sync-address"]),
+        round_id=int(config["bn-sync-round"]),
+        client_id=str(context.node_id),
+        credential=str(config["bn-sync-credential"]),
+        root_certificates=root.encode() if root else None,
+        timeout=float(config["bn-sync-timeout"]),
+    )
 
 
 def _reply_local_stats(msg: Message, context: Context, phase: str) -> Message:

@@ -11,9 +11,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Each method and the normalization it is defined with (None: any); common/methods.py says
+# what each one does.
+METHOD_NORMS = {
+    "fedtan": "batch",
+    "centralized": None,
+    "fedavg-bn": "batch",
+    "fedavg-gn": "group",
+    "fedbn": "batch",
+    "silobn": "batch",
+    "fixbn": "batch",
+}
+
 CHOICES = {
-    "method": ("fedtan",),
-    "transport": ("messages",),
+    "method": tuple(METHOD_NORMS),
+    "transport": ("messages", "grpc"),
     "dataset": ("digits", "cifar10", "synthetic"),
     "partition": ("iid", "sorted", "dirichlet"),
     "model": ("resnet20", "resnet32", "resnet44", "resnet56", "small_cnn"),
@@ -48,6 +60,18 @@ class RunConfig:
     on_failure: str = "retry"  # retry the round with the clients that answered, or stop
     max_retries: int = 2
     reply_timeout: float = 600.0  # seconds to wait for the replies of one exchange
+    # method = "fixbn": rounds 1..S are FedAvg with BN, later rounds freeze the BN statistics;
+    # 0 means S = half the rounds.
+    fixbn_switch_round: int = 0
+    # transport = "grpc": the ServerApp's BN sync service; clients dial bn_sync_address
+    # (default: host:port as bound). TLS when certfile and keyfile are set.
+    bn_sync_host: str = "127.0.0.1"
+    bn_sync_port: int = 0
+    bn_sync_address: str = ""
+    bn_sync_timeout: float = 60.0
+    bn_sync_certfile: str = ""
+    bn_sync_keyfile: str = ""
+    bn_sync_ca_certfile: str = ""
     milestones: tuple[int, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -61,12 +85,14 @@ class RunConfig:
                 raise ValueError(
                     f"run config '{_key(name)}' must be >= 1, got {getattr(self, name)}"
                 )
-        for name in ("clients_per_round", "max_retries", "seed"):
+        for name in ("clients_per_round", "max_retries", "seed", "fixbn_switch_round"):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"run config '{_key(name)}' must be >= 0, got {getattr(self, name)}"
                 )
-        for name in ("lr", "dirichlet_alpha", "reply_timeout", "lr_gamma"):
+        if bool(self.bn_sync_certfile) != bool(self.bn_sync_keyfile):
+            raise ValueError("run config 'bn-sync-certfile' and 'bn-sync-keyfile' go together")
+        for name in ("lr", "dirichlet_alpha", "reply_timeout", "lr_gamma", "bn_sync_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(
                     f"run config '{_key(name)}' must be > 0, got {getattr(self, name)}"
@@ -76,6 +102,20 @@ class RunConfig:
                 raise ValueError(
                     f"run config '{_key(name)}' must be >= 0, got {getattr(self, name)}"
                 )
+        needed = METHOD_NORMS[self.method]
+        if needed is not None and self.norm != needed:
+            raise ValueError(
+                f"run config 'method' {self.method!r} needs 'norm' = {needed!r}, got {self.norm!r}"
+            )
+        if self.transport != "messages" and self.method != "fedtan":
+            raise ValueError(
+                f"run config 'transport' {self.transport!r} applies to method 'fedtan' only"
+            )
+        if self.fixbn_switch_round > self.num_rounds:
+            raise ValueError(
+                f"run config 'fixbn-switch-round' ({self.fixbn_switch_round}) "
+                f"exceeds 'num-rounds' ({self.num_rounds})"
+            )
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"run config 'clients-per-round' ({self.clients_per_round}) "
@@ -111,6 +151,11 @@ class RunConfig:
     def lr_at(self, server_round: int) -> float:
         """Step schedule: lr times lr_gamma for every milestone reached."""
         return self.lr * self.lr_gamma ** sum(server_round >= m for m in self.milestones)
+
+    @property
+    def fixbn_switch(self) -> int:
+        """FixBN's last round with BN statistics in use; later rounds freeze them."""
+        return self.fixbn_switch_round or max(1, self.num_rounds // 2)
 
     @property
     def output_path(self) -> Path:

@@ -1,4 +1,7 @@
-"""The FedTAN ServerApp: config -> model and strategy -> rounds -> results in the output folder."""
+"""The ServerApp: config -> model and strategy -> rounds -> results in the output folder.
+
+Run config ``method`` picks FedTAN or one of its baselines (``common/methods.py``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ from flwr.serverapp.strategy import Result
 from common import task
 from common.bn_sync import trace_sync_points
 from common.config import RunConfig
+from common.methods import METHODS
+from server.baselines import baseline_strategy
+from server.grpc_sync import GrpcSync
 from server.results import RunRecorder
 from server.strategy import FedTAN
 
@@ -25,22 +31,28 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
-    """A whole FedTAN run on ``grid``; results go to ``cfg.output_dir`` round by round."""
+    """A whole run of ``cfg.method`` (FedTAN or a baseline) on ``grid``; results go to
+    ``cfg.output_dir`` round by round."""
     model = task.build_global_model(cfg)
-    inputs, targets = task.example_batch(cfg)
-    sync_points = trace_sync_points(model, inputs, targets, task.loss_fn)
     recorder = RunRecorder(cfg)
-    strategy = FedTAN(
-        sync_points=sync_points,
-        num_clients=cfg.num_clients,
-        clients_per_round=cfg.clients_per_round,
-        seed=cfg.seed,
-        reply_timeout=cfg.reply_timeout,
-        on_failure=cfg.on_failure,
-        max_retries=cfg.max_retries,
-        lr_schedule=cfg.lr_at,
-        on_round=recorder,
-    )
+    loop = {
+        "num_clients": cfg.num_clients,
+        "clients_per_round": cfg.clients_per_round,
+        "seed": cfg.seed,
+        "reply_timeout": cfg.reply_timeout,
+        "on_failure": cfg.on_failure,
+        "max_retries": cfg.max_retries,
+        "lr_schedule": cfg.lr_at,
+        "on_round": recorder,
+    }
+    grpc_sync = None
+    if cfg.method == "fedtan":
+        inputs, targets = task.example_batch(cfg)
+        sync_points = trace_sync_points(model, inputs, targets, task.loss_fn)
+        grpc_sync = GrpcSync(cfg, max_clients=cfg.num_clients) if cfg.transport == "grpc" else None
+        strategy = FedTAN(sync_points=sync_points, grpc_sync=grpc_sync, **loop)
+    else:
+        strategy = baseline_strategy(cfg, model, **loop)
     train_config = ConfigRecord(
         {
             "batch-size": cfg.batch_size,
@@ -54,16 +66,22 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round % cfg.eval_interval and server_round != cfg.num_rounds:
             return None
+        if METHODS[cfg.method].evaluate_on_clients:  # no global model: each client its own BN
+            return strategy.evaluate_on_clients(grid, server_round, arrays)
         model.load_state_dict(arrays.to_torch_state_dict())
         return MetricRecord(task.evaluate(model, cfg))
 
-    result = strategy.start(
-        grid,
-        ArrayRecord(model.state_dict()),
-        num_rounds=cfg.num_rounds,
-        train_config=train_config,
-        evaluate_fn=evaluate,
-    )
+    try:
+        result = strategy.start(
+            grid,
+            ArrayRecord(model.state_dict()),
+            num_rounds=cfg.num_rounds,
+            train_config=train_config,
+            evaluate_fn=evaluate,
+        )
+    finally:
+        if grpc_sync is not None:
+            grpc_sync.stop()
     done = len(result.train_metrics_clientapp)
     recorder.finish("completed" if done == cfg.num_rounds else "stopped", done)
     log(INFO, "Results in %s (%d of %d rounds)", cfg.output_path.resolve(), done, cfg.num_rounds)

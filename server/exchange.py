@@ -18,9 +18,15 @@ MODEL_KEY = "arrays"
 class RoundFailure(RuntimeError):
     """The round cannot complete; ``nodes`` are the clients at fault (may be empty)."""
 
-    def __init__(self, message: str, nodes: set[int] | frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self,
+        message: str,
+        nodes: set[int] | frozenset[int] = frozenset(),
+        reasons: dict[int, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.nodes = frozenset(nodes)
+        self.reasons = dict(reasons or {})  # per node, what went wrong
 
 
 @dataclass
@@ -69,7 +75,7 @@ def exchange(
     if problems:
         kind = messages[0].metadata.message_type
         detail = "; ".join(f"node {node}: {why}" for node, why in sorted(problems.items()))
-        raise RoundFailure(f"{kind} failed: {detail}", set(problems))
+        raise RoundFailure(f"{kind} failed: {detail}", set(problems), problems)
     if traffic is not None:
         traffic.add(messages, list(replies.values()))
     return replies

@@ -1,7 +1,16 @@
 """A run's output folder: per-round metrics (CSV and JSON), the global model, a summary.
 
 The model file is replaced atomically after every complete round, so whatever stops the run,
-the folder holds the global model of the last good round.
+the folder holds the global model of the last good round (FedBN, SiloBN: its shared entries;
+the BN entries the clients keep are the initial ones there).
+
+Every method writes the same per-round ``COLUMNS`` (then any extra ones, e.g. the spread of the
+clients' accuracies when they evaluate): train loss (of each client's first step, weighted by
+samples; the union batch's for FedTAN and centralized), test loss and accuracy (of the global
+model; the clients' mean for FedBN and SiloBN; blank between ``eval-interval`` rounds), wall
+seconds (training and evaluation), sequential round trips, bytes of the model (down and up
+together) and of the extra BN statistics (down, up) of training, and round trips and bytes of
+client-side evaluation.
 """
 
 from __future__ import annotations
@@ -20,6 +29,22 @@ from flwr.serverapp.strategy import Result
 
 from common.config import RunConfig
 
+COLUMNS = (
+    "round",
+    "train-loss",
+    "num-examples",
+    "clients",
+    "test-loss",
+    "test-accuracy",
+    "seconds",
+    "round_trips",
+    "model_bytes",
+    "bn_bytes_down",
+    "bn_bytes_up",
+    "eval_round_trips",
+    "eval_bytes",
+)
+
 
 class RunRecorder:
     """Writes what a run produced into ``cfg.output_dir``, round by round."""
@@ -28,6 +53,7 @@ class RunRecorder:
         self.dir = cfg.output_path
         self.dir.mkdir(parents=True, exist_ok=True)
         self.num_rounds = cfg.num_rounds
+        self.method = cfg.method
         self.rows: list[dict[str, float]] = []
         self.started = time.monotonic()
         config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "milestones"}
@@ -46,7 +72,8 @@ class RunRecorder:
         accuracy = row.get("test-accuracy")
         log(
             INFO,
-            "[round %d/%d] train-loss %.4f | test-accuracy %s | %.1f s | eta %.0f s",
+            "[%s round %d/%d] train-loss %.4f | test-accuracy %s | %.1f s | eta %.0f s",
+            self.method,
             server_round,
             self.num_rounds,
             row.get("train-loss", float("nan")),
@@ -57,6 +84,7 @@ class RunRecorder:
 
     def finish(self, status: str, rounds_completed: int) -> None:
         summary = {
+            "method": self.method,
             "status": status,
             "rounds_completed": rounds_completed,
             "final": self.rows[-1] if self.rows else None,
@@ -65,7 +93,7 @@ class RunRecorder:
 
     def _write_metrics(self) -> None:
         (self.dir / "metrics.json").write_text(json.dumps(self.rows, indent=2))
-        fields = list(dict.fromkeys(key for row in self.rows for key in row))
+        fields = list(dict.fromkeys([*COLUMNS, *(key for row in self.rows for key in row)]))
         with open(self.dir / "metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()

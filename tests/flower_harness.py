@@ -8,9 +8,12 @@ fail one node's replies.
 
 from __future__ import annotations
 
+import ast
 import copy
 import itertools
+import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -20,6 +23,20 @@ from flwr.supercore.task_identity import TaskIdentity
 Fault = Callable[[Message], Message | None]  # returns the reply to deliver, or None (dropped)
 
 TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+# Nodes handle messages in threads here (in Flower each ClientApp has a process of its own).
+# CPython < 3.11.9 can fail ast.literal_eval, which numpy uses to read the .npy headers of
+# Flower's Arrays, when two threads parse at once ("AST constructor recursion depth
+# mismatch", gh-106905); one parse at a time avoids it.
+_literal_eval, _parse_lock = ast.literal_eval, threading.Lock()
+
+
+def _serialized_literal_eval(node_or_string):
+    with _parse_lock:
+        return _literal_eval(node_or_string)
+
+
+ast.literal_eval = _serialized_literal_eval
 
 
 class LocalGrid(Grid):
@@ -52,23 +69,26 @@ class LocalGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        replies = []
+        batch = []
         for msg in messages:
             msg = copy.deepcopy(msg)  # as if it crossed the network
             msg.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"  # the SuperLink sets it
             self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            try:
-                reply = self.client_app(msg, self.contexts[node])
-            except Exception as error:  # noqa: BLE001 - Flower turns it into an error reply
-                reply = Message(
-                    Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=msg
-                )
-            if node in self.faults:
-                reply = self.faults[node](reply)
-            if reply is not None:
-                replies.append(copy.deepcopy(reply))
-        return replies
+            batch.append(msg)
+        # Nodes work at the same time, as SuperNodes do (the gRPC transport relies on it).
+        with ThreadPoolExecutor(max_workers=max(1, len(batch))) as pool:
+            replies = list(pool.map(self._handle, batch))
+        return [reply for reply in replies if reply is not None]
+
+    def _handle(self, msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        try:
+            reply = self.client_app(msg, self.contexts[node])
+        except Exception as error:  # noqa: BLE001 - Flower turns it into an error reply
+            reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=msg)
+        if node in self.faults:
+            reply = self.faults[node](reply)
+        return None if reply is None else copy.deepcopy(reply)
 
     # Unused by the strategy; present because Grid declares them.
     def set_run(self, run_id: int) -> None:  # pragma: no cover

@@ -67,7 +67,9 @@ def assert_states_equal(actual, expected, atol=1e-6):
     assert list(actual) == list(expected)
     for key in expected:
         assert actual[key].dtype == expected[key].dtype, key
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=atol, msg=key)
+        torch.testing.assert_close(
+            actual[key], expected[key], rtol=1e-5, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 @pytest.mark.parametrize("local_steps", [1, 3])
@@ -208,3 +210,55 @@ def test_an_unknown_message_type_is_refused_by_the_client(tmp_path):
 def test_a_wrong_config_fails_at_start_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         RunConfig.from_flower({**BASE, **override})
+
+
+# --- transport = "grpc": one Flower message per client and round, the sync over the service --
+
+
+def test_the_grpc_transport_gives_the_in_process_engine_model(tmp_path):
+    overrides = {"transport": "grpc", "local-steps": 2}
+    result, grid = run(tmp_path, **overrides)
+    cfg = RunConfig.from_flower({**BASE, **overrides})
+    assert_states_equal(result.arrays.to_torch_state_dict(), in_process_reference(cfg, 3))
+    # One Flower message per client and round; nothing of the BN sync crosses Flower.
+    assert [m.metadata.message_type for m in grid.sent] == ["train.fedtan"] * 3 * 2
+
+
+def test_the_grpc_transport_uses_tls_when_configured(tmp_path):
+    from tests.certs import make_certs
+
+    certs = tmp_path / "certs"
+    make_certs(certs)
+    overrides = {
+        "transport": "grpc",
+        "num-rounds": 1,
+        "bn-sync-certfile": str(certs / "server.pem"),
+        "bn-sync-keyfile": str(certs / "server.key"),
+        "bn-sync-ca-certfile": str(certs / "ca.pem"),
+    }
+    result, grid = run(tmp_path, **overrides)
+    cfg = RunConfig.from_flower({**BASE, **overrides})
+    assert_states_equal(result.arrays.to_torch_state_dict(), in_process_reference(cfg, 3))
+    sent_root = grid.sent[0].content.config_records["config"]["bn-sync-root-certificates"]
+    assert "BEGIN CERTIFICATE" in sent_root
+
+
+def test_a_client_killed_mid_round_over_grpc_is_named_and_the_round_retried(
+    tmp_path, caplog, monkeypatch
+):
+    from client.bn_sync_client import GrpcBNChannel
+
+    real = GrpcBNChannel.reduce_grad_sums
+
+    def killed_in_backward(self, layer, local):
+        if self.client_id == "1001":
+            raise RuntimeError("client process killed")
+        return real(self, layer, local)
+
+    monkeypatch.setattr(GrpcBNChannel, "reduce_grad_sums", killed_in_backward)
+    vanished = {1001: lambda reply: None}  # and its reply never comes
+    result, _ = run(tmp_path, faults=vanished, **{"transport": "grpc", "bn-sync-timeout": 5.0})
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert any("1001" in f for f in failures), failures
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert all(m["clients"] == 2 for m in result.train_metrics_clientapp.values())

@@ -1,0 +1,83 @@
+"""The client's side of the baselines: plain local training and client-side evaluation.
+
+* ``train.local``: load the global entries the message carries over this client's own entries
+  (the BN layers FedBN/SiloBN keep, from ``context.state``; the initial model's before the
+  first round), take E plain local steps (FixBN's later rounds: with frozen BN statistics), keep
+  the own entries again and reply with the rest.
+* ``evaluate.local``: the same model, evaluated on the test data (methods without one global
+  model).
+
+Which entries are the client's own follows from the run config's ``method``; a message that
+carries any of them is refused, so the server can never overwrite them.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+
+from common import task
+from common.config import RunConfig
+from common.methods import METHODS, local_keys, train_local
+
+OWN_KEY = "own-state"  # in context.state: this client's entries that never leave it
+
+
+def train(msg: Message, context: Context, partition: tuple[int, int]) -> Message:
+    config = msg.content.config_records["config"]
+    cfg = RunConfig.from_flower(context.run_config)
+    model, own = _own_model(msg, context, cfg)
+    batches = task.client_batches(
+        cfg,
+        *partition,
+        int(config["round"]),
+        batch_size=int(config["batch-size"]),
+        local_steps=int(config["local-steps"]),
+    )
+    device = next(model.parameters()).device
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    losses = train_local(
+        model,
+        batches,
+        task.loss_fn,
+        lr=float(config["lr"]),
+        momentum=float(config["momentum"]),
+        weight_decay=float(config["weight-decay"]),
+        freeze_bn_stats=bool(config.get("freeze-bn-stats", False)),
+    )
+    state = model.cpu().state_dict()
+    if own:
+        context.state[OWN_KEY] = ArrayRecord({k: state[k] for k in own})
+    metrics = {
+        "num-examples": sum(len(targets) for _, targets in batches),
+        "train-loss": losses[0],  # the first step's: the round's model on this client's batch
+        "partition-id": partition[0],
+    }
+    shared = {k: v for k, v in state.items() if k not in own}
+    content = RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context, partition: tuple[int, int]) -> Message:
+    cfg = RunConfig.from_flower(context.run_config)
+    model, _ = _own_model(msg, context, cfg)
+    metrics = task.evaluate(model, cfg)
+    metrics["partition-id"] = partition[0]
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _own_model(msg: Message, context: Context, cfg: RunConfig) -> tuple[nn.Module, frozenset]:
+    """The global entries of the message over this client's own; and the own entries' keys."""
+    model = task.build_global_model(cfg)
+    own = local_keys(model, METHODS[cfg.method])
+    received = msg.content.array_records["arrays"].to_torch_state_dict()
+    if overlap := sorted(own & set(received)):
+        raise ValueError(f"the server sent entries that are this client's own: {overlap}")
+    state = model.state_dict()
+    if missing := sorted(set(state) - own - set(received)):
+        raise ValueError(f"the server's model lacks entries: {missing}")
+    if OWN_KEY in context.state.array_records:
+        state.update(context.state.array_records[OWN_KEY].to_torch_state_dict())
+    state.update(received)
+    model.load_state_dict(state)
+    return model.to(task.pick_device()), own

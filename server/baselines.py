@@ -1,0 +1,108 @@
+"""The baselines FedTAN is compared with, each a few lines on top of ``RoundStrategy``.
+
+``RoundStrategy`` alone is FedAvg (E plain local steps, everything averaged): "fedavg-bn" and,
+on the GroupNorm network, "fedavg-gn". FedBN and SiloBN are the same loop with ``local_keys``
+(what never leaves a client); FixBN adds a flag to the train config after its switch round; the
+centralized reference trains on the server, without clients.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from torch import nn
+
+from common import task
+from common.config import RunConfig
+from common.fedtan import Batch
+from common.methods import METHODS, centralized_round, local_keys
+from server.strategy import RoundStrategy
+
+BatchesFn = Callable[[int, int, int], Sequence[Sequence[Batch]]]
+
+
+class FixBN(RoundStrategy):
+    """FixBN (Zhong, Chen, Chao 2024): FedAvg with BN up to ``switch_round``; afterwards the
+    clients normalize with the global running statistics and no longer update them."""
+
+    def __init__(self, *, switch_round: int, **kwargs) -> None:
+        super().__init__(name="fixbn", **kwargs)
+        self.switch_round = switch_round
+
+    def describe(self) -> str:
+        return f"FixBN: BN statistics frozen after round {self.switch_round}"
+
+    def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        config = super().round_config(server_round, config)
+        config["freeze-bn-stats"] = server_round > self.switch_round
+        return config
+
+
+class Centralized(RoundStrategy):
+    """The upper reference: the server itself takes E SGD steps on the union of the clients'
+    round batches (``batches(round, batch_size, local_steps)``, one list per client); no client
+    is contacted, so a round costs no traffic. With E = 1 a round equals FedTAN's."""
+
+    def __init__(self, *, model: nn.Module, batches: BatchesFn, **kwargs) -> None:
+        super().__init__(name="centralized", **kwargs)
+        self.model = model
+        self.batches = batches
+
+    def describe(self) -> str:
+        return "Centralized: SGD on the union of all partitions' round batches, on the server"
+
+    def run_round(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, attempt: int
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        config = self.round_config(server_round, config)
+        device = task.pick_device()
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.model.to(device)
+        client_batches = [
+            [(x.to(device), y.to(device)) for x, y in batches]
+            for batches in self.batches(
+                server_round, int(config["batch-size"]), int(config["local-steps"])
+            )
+        ]
+        losses = centralized_round(
+            self.model,
+            client_batches,
+            task.loss_fn,
+            lr=float(config["lr"]),
+            momentum=float(config["momentum"]),
+            weight_decay=float(config["weight-decay"]),
+        )
+        metrics = {
+            "train-loss": losses[0],
+            "num-examples": sum(len(y) for batches in client_batches for _, y in batches),
+            "clients": len(client_batches),
+        }
+        state = {k: v.cpu() for k, v in self.model.state_dict().items()}
+        return ArrayRecord(state), MetricRecord(metrics)
+
+
+def baseline_strategy(cfg: RunConfig, model: nn.Module, **kwargs) -> RoundStrategy:
+    """The strategy of ``cfg.method`` (any but "fedtan") for the global ``model``."""
+    method = METHODS[cfg.method]
+    if method.train == "server":
+
+        def batches(server_round: int, batch_size: int, local_steps: int) -> list[list[Batch]]:
+            return [
+                task.client_batches(
+                    cfg,
+                    k,
+                    cfg.num_clients,
+                    server_round,
+                    batch_size=batch_size,
+                    local_steps=local_steps,
+                )
+                for k in range(cfg.num_clients)
+            ]
+
+        return Centralized(model=copy.deepcopy(model), batches=batches, **kwargs)
+    if method.freeze_bn_stats:
+        return FixBN(switch_round=cfg.fixbn_switch, **kwargs)
+    return RoundStrategy(name=cfg.method, local_keys=local_keys(model, method), **kwargs)
