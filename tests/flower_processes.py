@@ -359,6 +359,29 @@ class Deadline:
         return time.monotonic() - self.start
 
 
+class PhaseTimer:
+    """Consecutive named phases of a test: ``mark("superlink up")`` ends one; ``report()``."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> float:
+        now = time.monotonic()
+        took, self.last = now - self.last, now
+        self.phases.append((name, took))
+        return took
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def report(self, title: str = "phases") -> str:
+        width = max([len(name) for name, _ in self.phases] + [5])
+        rows = [f"  {name:<{width}} {took:6.1f} s" for name, took in self.phases]
+        total = f"  {'total':<{width}} {self.elapsed():6.1f} s"
+        return "\n".join([f"{title}:", *rows, total])
+
+
 class WaitTimeout(AssertionError):
     pass
 
