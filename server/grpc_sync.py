@@ -81,6 +81,12 @@ class GrpcSync:
         round_id, self.round_id = self.round_id, None
         failure = self.service.close_round(round_id)
         if failure is not None:
+            if "sent nothing" in failure:
+                failure += (
+                    " (all clients of a round must run at the same time; in a Ray "
+                    "simulation give it one actor per client, e.g. --federation-config "
+                    '"client-resources-num-cpus=1 init-args-num-cpus=K")'
+                )
             raise RoundFailure(f"BN sync round aborted: {failure}")
 
     def stop(self) -> None:

@@ -12,7 +12,6 @@ model only ever changes by a complete round.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -383,8 +382,10 @@ class FedTAN(RoundStrategy):
             return super().run_round(grid, server_round, arrays, config, attempt)
         except RoundFailure:
             if self.grpc_sync is not None:  # the service's round must not stay open
-                with contextlib.suppress(RoundFailure):
+                try:
                     self.grpc_sync.finish_round()
+                except RoundFailure as service_failure:  # its account names the culprit
+                    log(ERROR, "Round %d: %s", server_round, service_failure)
             raise
 
     def after_exchange(self) -> None:

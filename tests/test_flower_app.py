@@ -262,3 +262,28 @@ def test_a_client_killed_mid_round_over_grpc_is_named_and_the_round_retried(
     assert any("1001" in f for f in failures), failures
     assert sorted(result.train_metrics_clientapp) == [1, 2]
     assert all(m["clients"] == 2 for m in result.train_metrics_clientapp.values())
+
+
+def test_a_client_that_never_joins_the_grpc_sync_is_named_with_a_resources_hint(
+    tmp_path, caplog, monkeypatch
+):
+    """What a Ray simulation with fewer actors than clients looks like: one client comes late."""
+    import time
+
+    from client.bn_sync_client import GrpcBNChannel
+
+    real = GrpcBNChannel.reduce_moments
+
+    def late(self, layer, local):
+        if self.client_id == "1002":
+            time.sleep(3)
+        return real(self, layer, local)
+
+    monkeypatch.setattr(GrpcBNChannel, "reduce_moments", late)
+    run(
+        tmp_path,
+        **{"transport": "grpc", "bn-sync-timeout": 1.0, "num-rounds": 1, "on-failure": "stop"},
+    )
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("'1002' sent nothing" in e and "init-args-num-cpus" in e for e in errors), errors
+    assert '"status": "stopped"' in (tmp_path / "out" / "summary.json").read_text()
