@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# End-to-end run of the Docker deployment (docker/compose.yml) on a machine that has no image
+# registry, as root, leaving nothing behind:
+#
+#   1. starts a private Docker engine (own data root, exec root and socket in a temp folder; no
+#      default bridge, no iptables/ip_forward changes), stopped by its pid at the end;
+#   2. builds stand-ins for flwr/superlink, flwr/supernode and flwr/superexec 1.42.0 from a
+#      debootstrapped Debian bookworm (Python 3.11) with flwr installed
+#      (docker/local-base/Dockerfile);
+#   3. builds the app image (docker/Dockerfile) on the stand-in, passing BASE_IMAGE;
+#      pip inside the builds reads wheels that the host downloads from PyPI and serves on
+#      127.0.0.1 (TORCH_VARIANT=cuda: PyTorch's CPU wheel index is not reachable here);
+#   4. runs the documented one command (`up ... --exit-code-from submit submit`) with a short
+#      run config, bounded in time, and checks the results in the mounted folder;
+#   5. with --tls, does the same again with docker/with-tls.yml (certificates from
+#      docker/generate-certs.sh, in the temp folder);
+#   6. `docker-compose down -v`, removes the images, stops the engine, deletes the temp folder.
+#
+# Usage: sudo scripts/docker_demo.sh [--tls] [--no-plain] [--log FILE]
+# Environment:
+#   FEDTAN_DEMO_RUN_CONFIG   run config overrides for the plain run           [num-rounds=2]
+#   FEDTAN_DEMO_TLS_RUN_CONFIG  the same for the TLS run                      [num-rounds=1]
+#   FEDTAN_DEMO_TIMEOUT_S    time limit of each compose run, seconds          [1500]
+#   FEDTAN_DEMO_CACHE        folder to keep the Debian root filesystem and the wheels in
+#                            between runs (default: none, everything in the temp folder)
+#   FEDTAN_DEMO_STORAGE_DRIVER  overlay2 | vfs                  [overlay2 if it works]
+#   FEDTAN_DEMO_MIRROR       Debian mirror for debootstrap    [http://deb.debian.org/debian]
+#   TMPDIR                   where the temp folder goes (needs ~12 GB with overlay2)
+# Traffic: the host's package clients (apt/debootstrap, pip download), the builds to the
+# wheelhouse on 127.0.0.1, and the containers among themselves on their compose network
+# (the SuperLink's port is published on 127.0.0.1 only).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_PLAIN=1
+RUN_TLS=0
+LOG="$ROOT/docs/results/docker_demo.log"
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --tls) RUN_TLS=1; shift ;;
+        --no-plain) RUN_PLAIN=0; shift ;;
+        --log) LOG="$2"; shift 2 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+RUN_CONFIG="${FEDTAN_DEMO_RUN_CONFIG:-num-rounds=2}"
+TLS_RUN_CONFIG="${FEDTAN_DEMO_TLS_RUN_CONFIG:-num-rounds=1}"
+TIMEOUT_S="${FEDTAN_DEMO_TIMEOUT_S:-1500}"
+MIRROR="${FEDTAN_DEMO_MIRROR:-http://deb.debian.org/debian}"
+FLWR_VERSION=1.42.0
+PREFIX=fedtan-demo
+PROJECT="fedtan-demo-$$"
+
+mkdir -p "$(dirname "$LOG")"
+: > "$LOG"
+exec > >(tee -a "$LOG") 2>&1
+T0=$(date +%s)
+say() { printf '[docker_demo +%4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
+
+[ "$(id -u)" -eq 0 ] || { say "needs root (it starts its own dockerd)"; exit 1; }
+
+# ------------------------------------------------------------------ tools
+missing=()
+for tool in dockerd docker docker-compose debootstrap openssl ssh-keygen; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing Debian packages for: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        docker.io docker-compose debootstrap openssl openssh-client >/dev/null
+fi
+HOST_PY="$ROOT/.venv/bin/python"
+[ -x "$HOST_PY" ] || HOST_PY="$(command -v python3)"
+"$HOST_PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' || {
+    say "the wheels are downloaded for the image's Python 3.11: run this with a Python 3.11 host"
+    exit 1
+}
+say "docker-compose: $(docker-compose version --short), dockerd: $(dockerd --version)"
+
+# ------------------------------------------------------------------ temp folder and cleanup
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/fedtan-docker-demo.XXXXXX")"
+CACHE="${FEDTAN_DEMO_CACHE:-$WORK/cache}"
+mkdir -p "$CACHE"
+D="$WORK/engine"
+mkdir -p "$D"
+export DOCKER_HOST="unix://$D/docker.sock"
+DOCKERD_PID=""
+HTTP_PID=""
+COMPOSE_FILES=()
+
+compose() { docker-compose -p "$PROJECT" "${COMPOSE_FILES[@]}" "$@"; }
+
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM
+    say "cleaning up"
+    if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
+        if [ "${#COMPOSE_FILES[@]}" -gt 0 ]; then
+            compose down -v --remove-orphans --rmi all >/dev/null 2>&1
+        fi
+        docker ps -aq | xargs -r docker rm -f >/dev/null 2>&1
+        docker system prune -af --volumes >/dev/null 2>&1
+        say "containers left: $(docker ps -aq | wc -l), images left: $(docker images -qa | wc -l)," \
+            "networks left: $(docker network ls -q --filter type=custom | wc -l)"
+        kill -TERM "$DOCKERD_PID"
+        for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
+        if kill -0 "$DOCKERD_PID" 2>/dev/null; then kill -KILL "$DOCKERD_PID"; fi
+        say "dockerd (pid $DOCKERD_PID) stopped"
+    fi
+    if [ -n "$HTTP_PID" ]; then kill "$HTTP_PID" 2>/dev/null; wait "$HTTP_PID" 2>/dev/null; fi
+    # The engine leaves mounts under its roots (netns, overlay); unmount before deleting.
+    findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | while read -r m; do
+        umount -l "$m" 2>/dev/null
+    done
+    rm -rf "$WORK"
+    say "removed $WORK; exit code $rc"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------------ the engine
+DRIVER="${FEDTAN_DEMO_STORAGE_DRIVER:-}"
+if [ -z "$DRIVER" ]; then
+    mkdir -p "$WORK/ovl/l" "$WORK/ovl/u" "$WORK/ovl/w" "$WORK/ovl/m"
+    if mount -t overlay overlay -o "lowerdir=$WORK/ovl/l,upperdir=$WORK/ovl/u,workdir=$WORK/ovl/w" \
+        "$WORK/ovl/m" 2>/dev/null; then
+        umount "$WORK/ovl/m"
+        DRIVER=overlay2
+    else
+        DRIVER=vfs
+        say "overlay mounts do not work here: vfs (every layer and container is a full copy;" \
+            "the CUDA app image then needs about 60 GB)"
+    fi
+    rm -rf "$WORK/ovl"
+fi
+if [ "$(sysctl -n net.bridge.bridge-nf-call-iptables 2>/dev/null || echo 0)" = 1 ] \
+    && iptables -S FORWARD 2>/dev/null | grep -qx -- '-P FORWARD DROP'; then
+    say "note: FORWARD policy is DROP with br_netfilter on; containers may not reach each other" \
+        "(this engine runs with --iptables=false and adds no rules)"
+fi
+say "starting dockerd ($DRIVER) in $D"
+dockerd --data-root "$D/root" --exec-root "$D/exec" --pidfile "$D/dockerd.pid" \
+    -H "$DOCKER_HOST" --storage-driver "$DRIVER" \
+    --bridge none --iptables=false --ip-forward=false --ip-masq=false \
+    > "$WORK/dockerd.log" 2>&1 &
+DOCKERD_PID=$!
+for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+docker info >/dev/null 2>&1 || { tail -20 "$WORK/dockerd.log"; say "dockerd did not start"; exit 1; }
+say "engine up: $(docker info --format '{{.ServerVersion}} {{.Driver}}')"
+
+# ------------------------------------------------------------------ base filesystem
+ROOTFS_TAR="$CACHE/bookworm-rootfs.tar"
+if [ ! -s "$ROOTFS_TAR" ]; then
+    say "debootstrap bookworm (minbase + python3, python3-venv, ca-certificates)"
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$WORK/rootfs" "$MIRROR" > "$WORK/debootstrap.log" 2>&1 \
+        || { tail -20 "$WORK/debootstrap.log"; exit 1; }
+    rm -rf "$WORK/rootfs/var/cache/apt/archives/"*.deb "$WORK/rootfs/var/lib/apt/lists/"*
+    tar -C "$WORK/rootfs" -cf "$ROOTFS_TAR" .
+    rm -rf "$WORK/rootfs"
+fi
+docker import -c 'CMD ["/bin/bash"]' "$ROOTFS_TAR" "$PREFIX/debian:bookworm" >/dev/null
+say "imported $PREFIX/debian:bookworm ($(du -h "$ROOTFS_TAR" | cut -f1))"
+
+# ------------------------------------------------------------------ wheelhouse on loopback
+WHEELS="$CACHE/wheels"
+mkdir -p "$WHEELS"
+say "downloading the locked wheels on the host"
+"$HOST_PY" -m pip download --no-deps --only-binary=:all: -d "$WHEELS" \
+    -r "$ROOT/docker/requirements.lock" -r "$ROOT/docker/requirements-cuda.lock" \
+    > "$WORK/pip-download.log" 2>&1 || { tail -20 "$WORK/pip-download.log"; exit 1; }
+PORT="$("$HOST_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$HOST_PY" -m http.server --bind 127.0.0.1 --directory "$WHEELS" "$PORT" \
+    > "$WORK/wheelhouse.log" 2>&1 &
+HTTP_PID=$!
+for _ in $(seq 20); do
+    "$HOST_PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/')" \
+        2>/dev/null && break
+    sleep 0.5
+done
+say "wheelhouse: $(ls "$WHEELS" | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1), on 127.0.0.1:$PORT"
+PIP_ARGS=(--build-arg "PIP_FIND_LINKS=http://127.0.0.1:$PORT/" --build-arg PIP_NO_INDEX=1)
+
+build() {  # build NAME LOGFILE docker-build-args...
+    local name="$1" logf="$2"; shift 2
+    local t=$(date +%s)
+    docker build --network host "${PIP_ARGS[@]}" "$@" > "$logf" 2>&1 \
+        || { tail -30 "$logf"; say "building $name failed"; exit 1; }
+    say "built $name in $(( $(date +%s) - t ))s"
+}
+
+# ------------------------------------------------------------------ stand-ins for Flower's images
+for target in superlink supernode superexec; do
+    build "$PREFIX/flwr-$target:$FLWR_VERSION" "$WORK/build-$target.log" \
+        -f "$ROOT/docker/local-base/Dockerfile" --target "$target" \
+        --build-arg "DEBIAN_IMAGE=$PREFIX/debian:bookworm" \
+        -t "$PREFIX/flwr-$target:$FLWR_VERSION" "$ROOT/docker"
+done
+docker run --rm --network none "$PREFIX/flwr-superlink:$FLWR_VERSION" --version
+
+# ------------------------------------------------------------------ the app image
+# The build context is the project's files as git sees them (tracked, plus untracked ones that
+# are not ignored): no .venv, data or outputs, whatever the checkout holds.
+CTX="$WORK/context"
+mkdir -p "$CTX"
+git -C "$ROOT" ls-files -co --exclude-standard -z | (cd "$ROOT" && tar --null -T - -cf -) \
+    | tar -C "$CTX" -xf -
+APP_IMAGE="$PREFIX/app:0.1.0"
+build "$APP_IMAGE" "$WORK/build-app.log" -f "$CTX/docker/Dockerfile" \
+    --build-arg "BASE_IMAGE=$PREFIX/flwr-superexec:$FLWR_VERSION" \
+    --build-arg TORCH_VARIANT=cuda -t "$APP_IMAGE" "$CTX"
+grep -E "^flwr .*torch" "$WORK/build-app.log" | sed 's/^/    /' || true
+say "image sizes:"
+docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep "^$PREFIX/" | sed 's/^/    /'
+say "app image layers (newest first):"
+docker history --format '{{.Size}}\t{{.CreatedBy}}' "$APP_IMAGE" | cut -c1-110 | head -n 8 \
+    | sed 's/^/    /'
+say "runs as: $(docker run --rm --network none --entrypoint id "$APP_IMAGE")"
+
+# ------------------------------------------------------------------ the runs
+export FLWR_SUPERLINK_IMAGE="$PREFIX/flwr-superlink:$FLWR_VERSION"
+export FLWR_SUPERNODE_IMAGE="$PREFIX/flwr-supernode:$FLWR_VERSION"
+export FLWR_SUPEREXEC_IMAGE="$PREFIX/flwr-superexec:$FLWR_VERSION"
+export FEDTAN_IMAGE="$APP_IMAGE"
+export SUPERLINK_HOST_PORT="$PORT"  # free a moment ago; the wheelhouse is done with it below
+export COMPOSE_HTTP_TIMEOUT=300
+
+demo_run() {  # demo_run NAME RUN_CONFIG compose-files...
+    local name="$1" run_config="$2"; shift 2
+    export FEDTAN_RUN_CONFIG="$run_config"
+    COMPOSE_FILES=(-f "$ROOT/docker/compose.yml")
+    for f in "$@"; do COMPOSE_FILES+=(-f "$ROOT/docker/$f"); done
+    export FEDTAN_OUTPUTS_DIR="$WORK/outputs-$name"
+    mkdir -p "$FEDTAN_OUTPUTS_DIR"   # owned by root: outputs-init must open it up
+    say "=== $name: docker-compose ${COMPOSE_FILES[*]} up --no-build" \
+        "--abort-on-container-exit --exit-code-from submit submit (run config: $run_config)"
+    local t=$(date +%s) rc=0
+    timeout "$TIMEOUT_S" docker-compose -p "$PROJECT" "${COMPOSE_FILES[@]}" up --no-build \
+        --no-color --abort-on-container-exit --exit-code-from submit submit || rc=$?
+    say "=== $name: compose exited with $rc after $(( $(date +%s) - t ))s"
+    compose ps
+    compose logs --no-color > "$WORK/compose-$name.log" 2>&1 || true
+    say "last lines of every service's log:"
+    for svc in $(compose config --services); do
+        compose logs --no-color "$svc" 2>/dev/null | grep -v -F 'uvicorn.access' | tail -n 4 \
+            | cut -c1-200
+    done
+    compose down -v --remove-orphans >/dev/null 2>&1 || true
+    [ "$rc" -eq 0 ] || { say "$name: the run did not finish as completed"; return 1; }
+    check_outputs "$FEDTAN_OUTPUTS_DIR/digits-fedtan" "$name" "$run_config"
+}
+
+check_outputs() {  # check_outputs DIR NAME RUN_CONFIG
+    say "$2: results in the mounted folder ($1):"
+    ls -l "$1" | sed 's/^/    /'
+    "$HOST_PY" - "$1" "$3" <<'EOF'
+import json, sys
+from pathlib import Path
+out, run_config = Path(sys.argv[1]), sys.argv[2]
+summary = json.loads((out / "summary.json").read_text())
+rows = json.loads((out / "metrics.json").read_text())
+want = dict(kv.split("=", 1) for kv in run_config.split()).get("num-rounds")
+print("    summary:", json.dumps(summary)[:400])
+print("    last metrics row:", json.dumps(rows[-1])[:400] if rows else None)
+assert (out / "model.pt").stat().st_size > 0, "no model.pt"
+assert (out / "metrics.csv").stat().st_size > 0, "no metrics.csv"
+assert "completed" in json.dumps(summary), "summary does not say completed"
+if want is not None:
+    assert len(rows) == int(want), f"{len(rows)} metric rows for {want} rounds"
+print("    OK: summary, metrics (json, csv) and model.pt are there")
+EOF
+}
+
+kill "$HTTP_PID" 2>/dev/null; wait "$HTTP_PID" 2>/dev/null || true; HTTP_PID=""
+
+status=0
+if [ "$RUN_PLAIN" -eq 1 ]; then
+    demo_run plain "$RUN_CONFIG" || status=1
+fi
+if [ "$RUN_TLS" -eq 1 ]; then
+    export FEDTAN_CERTS_DIR="$WORK/certs"
+    FEDTAN_CERTS_DIR="$FEDTAN_CERTS_DIR" bash "$ROOT/docker/generate-certs.sh" \
+        --owner 49999:49999
+    demo_run tls "$TLS_RUN_CONFIG" with-tls.yml || status=1
+fi
+df -h "$WORK" | tail -n 1 | sed 's/^/    disk: /'
+docker system df | sed 's/^/    /'
+if [ "$status" -eq 0 ]; then say "DEMO PASSED"; else say "DEMO FAILED"; fi
+exit "$status"
