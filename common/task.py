@@ -64,6 +64,22 @@ def client_batches(
     )
 
 
+def union_batches(cfg: RunConfig, num_clients: int, server_round: int) -> list[list[Batch]]:
+    """Every client's batches of ``server_round`` with the config's batch size and E: what the
+    in-process engine and the centralized reference train on."""
+    return [
+        client_batches(
+            cfg,
+            k,
+            num_clients,
+            server_round,
+            batch_size=cfg.batch_size,
+            local_steps=cfg.local_steps,
+        )
+        for k in range(num_clients)
+    ]
+
+
 def build_global_model(cfg: RunConfig) -> nn.Module:
     """The initial global model; seeded, so every process builds the same one."""
     test = dataset(cfg.dataset, False, cfg.data_dir, cfg.seed)

@@ -87,12 +87,7 @@ def in_process_seconds(cfg: RunConfig) -> float:
     model = task.build_global_model(cfg)
     times = []
     for r in range(1, cfg.num_rounds + 1):
-        batches = [
-            task.client_batches(
-                cfg, k, cfg.num_clients, r, batch_size=cfg.batch_size, local_steps=cfg.local_steps
-            )
-            for k in range(cfg.num_clients)
-        ]
+        batches = task.union_batches(cfg, cfg.num_clients, r)
         started = time.perf_counter()
         model.load_state_dict(
             synced_round(

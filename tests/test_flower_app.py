@@ -44,12 +44,7 @@ def in_process_reference(cfg: RunConfig, num_clients: int) -> dict[str, torch.Te
     """The same rounds through the in-process engine: what the messages must reproduce."""
     model = task.build_global_model(cfg)
     for r in range(1, cfg.num_rounds + 1):
-        batches = [
-            task.client_batches(
-                cfg, k, num_clients, r, batch_size=cfg.batch_size, local_steps=cfg.local_steps
-            )
-            for k in range(num_clients)
-        ]
+        batches = task.union_batches(cfg, num_clients, r)
         model.load_state_dict(
             synced_round(
                 model,
