@@ -84,10 +84,10 @@ class LocalGrid(Grid):
         node = msg.metadata.dst_node_id
         try:
             reply = self.client_app(msg, self.contexts[node])
+            if node in self.faults:  # a fault may also raise, as a failing ClientApp does
+                reply = self.faults[node](reply)
         except Exception as error:  # noqa: BLE001 - Flower turns it into an error reply
             reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=msg)
-        if node in self.faults:
-            reply = self.faults[node](reply)
         return None if reply is None else copy.deepcopy(reply)
 
     # Unused by the strategy; present because Grid declares them.

@@ -119,6 +119,33 @@ def nan_stats(mean):
     return mean
 
 
+def corrupt_m2(value):
+    def fault(reply: Message) -> Message:
+        if reply.metadata.message_type == "query.bn_forward" and not reply.has_error():
+            from flwr.app import Array
+
+            m2 = reply.content.array_records["bn-local"]["m2"].numpy().copy()
+            reply.content.array_records["bn-local"]["m2"] = Array(value(m2))
+        return reply
+
+    return fault
+
+
+def fail_with(reason: str):
+    def fault(reply: Message) -> Message:
+        raise RuntimeError(reason)  # as if the ClientApp had raised
+
+    return fault
+
+
+def retype(message_type: str):
+    def fault(reply: Message) -> Message:
+        reply.metadata.__dict__["_message_type"] = message_type
+        return reply
+
+    return fault
+
+
 FAULTS = {
     "non-finite statistics": (corrupt_stats(nan_stats), "non-finite"),
     "wrongly shaped statistics": (corrupt_stats(lambda m: m[:-1]), "one shape"),
@@ -127,6 +154,15 @@ FAULTS = {
         lambda reply: _retag(reply, "round", 99) if not reply.has_error() else reply,
         "stale",
     ),
+    "an answer for another layer": (
+        lambda reply: _retag(reply, "layer", "fc") if not reply.has_error() else reply,
+        "out-of-step",
+    ),
+    "a zero count": (lambda reply: _retag(reply, "count", 0), "count must be a positive"),
+    "integer statistics": (corrupt_stats(lambda m: m.astype("int64")), "dtype torch.int64"),
+    "negative variance": (corrupt_m2(lambda m2: -m2 - 1.0), "negative sum of squared"),
+    "a client that raises": (fail_with("out of memory"), "out of memory"),
+    "a reply of the wrong type": (retype("query.bn_sideways"), "replied with"),
 }
 
 
@@ -282,3 +318,19 @@ def test_a_client_that_never_joins_the_grpc_sync_is_named_with_a_resources_hint(
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("'1002' sent nothing" in e and "init-args-num-cpus" in e for e in errors), errors
     assert '"status": "stopped"' in (tmp_path / "out" / "summary.json").read_text()
+
+
+def test_clients_per_round_samples_a_seeded_subset_every_round(tmp_path):
+    first, grid = run(tmp_path / "a", num_nodes=4, **{"num-clients": 4, "clients-per-round": 2})
+    again, grid_again = run(
+        tmp_path / "b", num_nodes=4, **{"num-clients": 4, "clients-per-round": 2}
+    )
+    assert all(m["clients"] == 2 for m in first.train_metrics_clientapp.values())
+
+    def trained(grid):
+        return [
+            m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train.fedtan"
+        ]
+
+    assert trained(grid) == trained(grid_again)  # the same seed samples the same nodes
+    assert len(set(trained(grid))) > 2  # and not the same two every round
