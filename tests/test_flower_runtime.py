@@ -34,22 +34,19 @@ except ModuleNotFoundError:  # Python 3.10
 
 from common.config import RunConfig
 from tests.flower_processes import (
-    LOOPBACK,
     Deadline,
     ManagedProcess,
     adopt_process,
     flower_bin,
     flower_env,
-    free_ports,
     local_superlink_env,
     local_superlink_pids,
     logs,
     process_table,
+    start_local_deployment,
     start_process,
     stop_processes,
     wait_for_file,
-    wait_for_log,
-    wait_for_port,
     write_flower_config,
     write_run_config,
 )
@@ -115,15 +112,29 @@ def started_run_id(flwr: ManagedProcess) -> str | None:
     return match.group(1) if match else None
 
 
-def test_simulation_on_two_ray_actors_gives_the_in_process_engine_model(tmp_path):
+# Ray actors per transport: "messages" must work with fewer actors than clients (any actor
+# answers any message); "grpc" needs every client of a round running at once.
+ACTORS = {"messages": 2, "grpc": 3}
+
+
+@pytest.mark.parametrize("transport", sorted(ACTORS))
+def test_simulation_on_ray_actors_gives_the_in_process_engine_model(tmp_path, transport):
     deadline = Deadline(SIMULATION_TIMEOUT_S)
     home, out = tmp_path / "flwr-home", tmp_path / "out"
     env = local_superlink_env(home)
     write_flower_config(home, {"local": {"address": ":local:"}})
-    run_config = {**BASE, "num-clients": 3, "num-rounds": 2, "output-dir": str(out)}
+    run_config = {
+        **BASE,
+        "num-clients": 3,
+        "num-rounds": 2,
+        "output-dir": str(out),
+        "transport": transport,
+    }
     run_toml = write_run_config(tmp_path / "run-config.toml", run_config)
-    # Ray gets 2 CPUs whatever the machine has, and each ClientApp 1: a pool of 2 actors.
-    federation_config = "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=2"
+    # Ray gets that many CPUs whatever the machine has, and each ClientApp 1: a pool of actors.
+    federation_config = (
+        f"num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus={ACTORS[transport]}"
+    )
 
     procs: list[ManagedProcess] = []
     actors: set[int] = set()
@@ -180,7 +191,7 @@ def test_simulation_on_two_ray_actors_gives_the_in_process_engine_model(tmp_path
         killed = stop_processes(procs)
         print(f"run {run_s:.0f} s, teardown {deadline.elapsed() - run_s:.0f} s", *killed, sep="\n")
 
-    assert len(actors) >= 2, f"expected a pool of 2 Ray actors, saw {sorted(actors)}"
+    assert len(actors) >= 2, f"expected a pool of Ray actors, saw {sorted(actors)}"
     expected = in_process_reference(reference_config(run_config), 3)
     assert_same_model(out / "model.pt", expected)
     print(f"total {deadline.elapsed():.0f} s; Ray actor pids {sorted(actors)}")
@@ -190,57 +201,14 @@ def test_deployment_superlink_and_two_supernodes_give_the_in_process_engine_mode
     deadline = Deadline(DEPLOYMENT_TIMEOUT_S)
     home, out, log_dir = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
     env = flower_env(home)
-    link_port, *node_ports = free_ports(3)
-    write_flower_config(
-        home, {"deployment": {"address": f"{LOOPBACK}:{link_port}", "insecure": True}}
-    )
     run_config = {**BASE, "num-clients": 2, "num-rounds": 1, "output-dir": str(out)}
     run_toml = write_run_config(tmp_path / "run-config.toml", run_config)
 
     procs: list[ManagedProcess] = []
     try:
-        # One port serves the Fleet, Control and Runtime (ServerApp) APIs in Flower 1.42.
-        link = start_process(
-            [
-                *flower_bin("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                LOOPBACK,
-                "--port",
-                str(link_port),
-            ],
-            name="superlink",
-            log_dir=log_dir,
-            env=env,
-            cwd=tmp_path,
+        link, nodes = start_local_deployment(
+            2, env=env, log_dir=log_dir, cwd=tmp_path, deadline=deadline, procs=procs
         )
-        procs.append(link)
-        wait_for_port(link_port, timeout=deadline.remaining(at_most=60), procs=[link])
-        nodes = [
-            start_process(
-                [
-                    *flower_bin("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"{LOOPBACK}:{link_port}",
-                    "--host",
-                    LOOPBACK,
-                    "--port",
-                    str(node_port),
-                    "--node-config",
-                    f"partition-id={k} num-partitions=2",
-                ],
-                name=f"supernode-{k}",
-                log_dir=log_dir,
-                env=env,
-                cwd=tmp_path,
-            )
-            for k, node_port in enumerate(node_ports)
-        ]
-        procs += nodes
-        for node in nodes:  # connected to the SuperLink
-            wait_for_log(node, "SuperNode ID", timeout=deadline.remaining(60), procs=[link])
 
         flwr = start_process(
             [
