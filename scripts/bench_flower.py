@@ -9,12 +9,21 @@ per round beyond the model itself.
 
 Rounds after the first are timed (the first pays for process start-up and imports); evaluation
 only runs after the last round, which is excluded too.
+
+With ``--deployment`` it also runs the same config deployed, for each transport: one
+``flower-superlink`` and one ``flower-supernode`` per client on 127.0.0.1 (plaintext, a
+throw-away FLWR_HOME; every process is stopped at the end, also on failure), timed from the
+run's metrics.csv like the simulation; and, if grpc is among the transports, the latency of one
+exchange of the BN sync channel (scripts/bench_bn_channel.py, client threads on loopback).
+Deployed, every Flower message starts a fresh ClientApp process and waits for Flower's polling:
+about 6 s per exchange, so the messages transport takes minutes per round.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import statistics
 import subprocess
@@ -24,13 +33,31 @@ import time
 import tomllib
 from pathlib import Path
 
+from torch.nn.modules.batchnorm import _BatchNorm
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import task  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.fedtan import synced_round  # noqa: E402
-from tests.flower_processes import free_ports  # noqa: E402
+from tests.flower_processes import (  # noqa: E402
+    Deadline,
+    ManagedProcess,
+    flower_bin,
+    flower_env,
+    free_ports,
+    logs,
+    start_local_deployment,
+    start_process,
+    stop_processes,
+    wait_for_file,
+    write_run_config,
+)
+
+# Deployed, a client's ClientApp is a fresh process per message (a torch import): on a loaded
+# machine it can join the round's BN sync tens of seconds after its peers (tests/test_multihost).
+DEPLOYMENT_BN_SYNC_TIMEOUT = 120.0
 
 
 def main() -> None:
@@ -42,6 +69,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--local-steps", type=int, default=1)
     parser.add_argument("--transports", nargs="+", default=["messages", "grpc"])
+    parser.add_argument(
+        "--deployment",
+        action="store_true",
+        help="also run each transport deployed: a SuperLink and K SuperNodes on 127.0.0.1",
+    )
+    parser.add_argument(
+        "--deployment-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds each deployed run may take, start-up included (default 1800)",
+    )
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be >= 3 (the first and last rounds are not timed)")
@@ -61,6 +99,21 @@ def main() -> None:
     for transport in args.transports:
         seconds, costs = simulation_seconds({**run_config, "transport": transport}, args.clients)
         rows.append((f"Flower simulation, transport={transport}", seconds, costs))
+    failed = []
+    if args.deployment:
+        for transport in args.transports:
+            name = f"Flower deployment, transport={transport}"
+            config = {**run_config, "transport": transport}
+            if transport == "grpc":
+                timeout = max(float(config["bn-sync-timeout"]), DEPLOYMENT_BN_SYNC_TIMEOUT)
+                config["bn-sync-timeout"] = timeout
+            try:
+                seconds, costs = deployment_seconds(config, args.clients, args.deployment_timeout)
+            except Exception as error:  # noqa: BLE001 - reported, the other rows still print
+                print(f"{name} failed: {error}", file=sys.stderr)
+                failed.append(name)
+                seconds, costs = float("nan"), {}
+            rows.append((name, seconds, costs))
 
     base = rows[0][1]
     print(
@@ -81,6 +134,10 @@ def main() -> None:
         "BN bytes of the grpc transport travel over the BN sync service, not Flower: "
         "they are not in the columns above."
     )
+    if args.deployment and "grpc" in args.transports:
+        print_channel_latency(RunConfig.from_flower(run_config), args.clients)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 def in_process_seconds(cfg: RunConfig) -> float:
@@ -125,11 +182,79 @@ def simulation_seconds(run_config: dict, clients: int) -> tuple[float, dict[str,
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        with open(out / "metrics.csv") as f:
-            rows = list(csv.DictReader(f))[1:-1]
+        return timed_rounds(out / "metrics.csv")
+
+
+def deployment_seconds(
+    run_config: dict, clients: int, timeout: float
+) -> tuple[float, dict[str, float]]:
+    """Run ``run_config`` on a SuperLink and ``clients`` SuperNodes on 127.0.0.1; its costs."""
+    deadline = Deadline(timeout)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        out, log_dir = tmp / "out", tmp / "logs"
+        env = flower_env(tmp / "flwr-home")
+        run_toml = write_run_config(tmp / "run.toml", {**run_config, "output-dir": str(out)})
+        procs: list[ManagedProcess] = []
+        try:
+            link, nodes = start_local_deployment(
+                clients, env=env, log_dir=log_dir, cwd=tmp, deadline=deadline, procs=procs
+            )
+            flwr = start_process(
+                [*flower_bin("flwr"), "run", ".", "deployment", "--run-config", str(run_toml)]
+                + ["--stream"],
+                name="flwr-run",
+                log_dir=log_dir,
+                env=env,
+                cwd=ROOT,
+            )
+            procs.append(flwr)
+            try:
+                code = flwr.popen.wait(timeout=deadline.remaining())
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"not done within {timeout:.0f} s\n" + logs(procs)) from None
+            if code != 0:
+                raise RuntimeError(f"flwr run exited with {code}\n" + logs(procs))
+            summary_file = wait_for_file(
+                out / "summary.json",
+                timeout=deadline.remaining(at_most=60),
+                procs=[link, *nodes],
+            )
+            summary = json.loads(summary_file.read_text())
+            if summary["status"] != "completed":
+                raise RuntimeError(f"run not completed: {summary}\n" + logs(procs))
+            return timed_rounds(out / "metrics.csv")
+        finally:
+            for line in stop_processes(procs):
+                print(line, file=sys.stderr)
+
+
+def timed_rounds(metrics_csv: Path) -> tuple[float, dict[str, float]]:
+    """Median seconds and costs per round, of the rounds after the first, without the last."""
+    with open(metrics_csv) as f:
+        rows = list(csv.DictReader(f))[1:-1]
     keys = ("seconds", "round_trips", "bn_bytes_up", "bn_bytes_down", "model_bytes")
     cost = {k: statistics.median(float(row[k]) for row in rows) for k in keys}
     return cost.pop("seconds"), cost
+
+
+def print_channel_latency(cfg: RunConfig, clients: int) -> None:
+    """One exchange of the gRPC BN sync channel on loopback, from scripts/bench_bn_channel.py."""
+    bn = [m for m in task.build_global_model(cfg).modules() if isinstance(m, _BatchNorm)]
+    if not bn:
+        return
+    channels = max(m.num_features for m in bn)
+    cmd = [sys.executable, str(ROOT / "scripts/bench_bn_channel.py"), "--clients", str(clients)]
+    cmd += ["--channels", str(channels), "--exchanges", "300", "--warmup", "30", "--skip-step"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if result.returncode != 0:
+        print(f"scripts/bench_bn_channel.py failed:\n{result.stderr}", file=sys.stderr)
+        return
+    print(
+        f"\ngrpc transport: a round makes 2L = {2 * len(bn)} exchanges over the BN sync "
+        f"service; one exchange (scripts/bench_bn_channel.py, {' '.join(cmd[2:])}):"
+    )
+    print(result.stdout.rstrip())
 
 
 def _toml(value: object) -> str:

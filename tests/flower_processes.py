@@ -449,3 +449,75 @@ def wait_for_log(
 
 def logs(procs: Iterable[ManagedProcess], lines: int = 40) -> str:
     return "\n".join(p.log_tail(lines) for p in procs)
+
+
+# --- a deployment on 127.0.0.1 ---------------------------------------------------------------
+
+
+def start_local_deployment(
+    nodes: int,
+    *,
+    env: Mapping[str, str],
+    log_dir: Path,
+    cwd: Path,
+    deadline: Deadline,
+    procs: list[ManagedProcess],
+    federation: str = "deployment",
+) -> tuple[ManagedProcess, list[ManagedProcess]]:
+    """A plaintext ``flower-superlink`` and ``nodes`` ``flower-supernode``s on 127.0.0.1.
+
+    Writes federation ``federation`` (the SuperLink's address, insecure) into
+    ``$FLWR_HOME/config.toml`` of ``env``, for ``flwr run . <federation>``; SuperNode k gets
+    ``partition-id=k num-partitions=<nodes>``. Returns once the SuperLink listens and every
+    SuperNode is connected (each wait at most 60 s and bounded by ``deadline``). Every process is
+    appended to ``procs`` as soon as it starts: ``stop_processes(procs)`` in the caller's
+    ``finally`` stops them, whatever failed.
+    """
+    link_port, *node_ports = free_ports(1 + nodes)
+    write_flower_config(
+        Path(env["FLWR_HOME"]),
+        {federation: {"address": f"{LOOPBACK}:{link_port}", "insecure": True}},
+    )
+    # One port serves the Fleet, Control and Runtime (ServerApp) APIs in Flower 1.42.
+    link = start_process(
+        [
+            *flower_bin("flower-superlink"),
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(link_port),
+        ],
+        name="superlink",
+        log_dir=log_dir,
+        env=env,
+        cwd=cwd,
+    )
+    procs.append(link)
+    wait_for_port(link_port, timeout=deadline.remaining(at_most=60), procs=[link])
+    started = []
+    for k, node_port in enumerate(node_ports):
+        node = start_process(
+            [
+                *flower_bin("flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"{LOOPBACK}:{link_port}",
+                "--host",
+                LOOPBACK,
+                "--port",
+                str(node_port),
+                "--node-config",
+                f"partition-id={k} num-partitions={nodes}",
+            ],
+            name=f"supernode-{k}",
+            log_dir=log_dir,
+            env=env,
+            cwd=cwd,
+        )
+        procs.append(node)
+        started.append(node)
+    for node in started:  # connected to the SuperLink
+        wait_for_log(node, "SuperNode ID", timeout=deadline.remaining(at_most=60), procs=[link])
+    return link, started

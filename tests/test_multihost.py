@@ -41,13 +41,12 @@ from tests.flower_processes import (
     PhaseTimer,
     flower_bin,
     flower_env,
-    free_ports,
     logs,
+    start_local_deployment,
     start_process,
     stop_processes,
     wait_for,
     wait_for_log,
-    wait_for_port,
     write_flower_config,
     write_run_config,
 )
@@ -91,58 +90,15 @@ def test_grpc_transport_in_deployment_matches_in_process_engine(tmp_path):
     deadline, phases = Deadline(TIMEOUT_S), PhaseTimer()
     home, out, log_dir = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
     env = flower_env(home)
-    link_port, *node_ports = free_ports(3)
-    write_flower_config(
-        home, {"deployment": {"address": f"{LOOPBACK}:{link_port}", "insecure": True}}
-    )
     run_config = {**BASE, **GRPC, **SYNC_TIMEOUT, "output-dir": str(out)}
     run_toml = write_run_config(tmp_path / "run-config.toml", run_config)
 
     procs: list[ManagedProcess] = []
     try:
-        link = start_process(
-            [
-                *flower_bin("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                LOOPBACK,
-                "--port",
-                str(link_port),
-            ],
-            name="superlink",
-            log_dir=log_dir,
-            env=env,
-            cwd=tmp_path,
+        link, nodes = start_local_deployment(
+            2, env=env, log_dir=log_dir, cwd=tmp_path, deadline=deadline, procs=procs
         )
-        procs.append(link)
-        wait_for_port(link_port, timeout=deadline.remaining(at_most=60), procs=[link])
-        phases.mark("superlink up")
-        nodes = [
-            start_process(
-                [
-                    *flower_bin("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"{LOOPBACK}:{link_port}",
-                    "--host",
-                    LOOPBACK,
-                    "--port",
-                    str(node_port),
-                    "--node-config",
-                    f"partition-id={k} num-partitions=2",
-                ],
-                name=f"supernode-{k}",
-                log_dir=log_dir,
-                env=env,
-                cwd=tmp_path,
-            )
-            for k, node_port in enumerate(node_ports)
-        ]
-        procs += nodes
-        for node in nodes:
-            wait_for_log(node, "SuperNode ID", timeout=deadline.remaining(60), procs=[link])
-        phases.mark("2 supernodes connected")
+        phases.mark("superlink up, 2 supernodes connected")
 
         flwr = start_process(
             [*flower_bin("flwr"), "run", ".", "deployment", "--run-config", str(run_toml)]
