@@ -44,12 +44,11 @@ from common.fedtan import synced_round  # noqa: E402
 from tests.flower_processes import (  # noqa: E402
     Deadline,
     ManagedProcess,
-    flower_bin,
     flower_env,
     free_ports,
     logs,
+    start_flwr_run,
     start_local_deployment,
-    start_process,
     stop_processes,
     wait_for_file,
     write_run_config,
@@ -200,14 +199,7 @@ def deployment_seconds(
             link, nodes = start_local_deployment(
                 clients, env=env, log_dir=log_dir, cwd=tmp, deadline=deadline, procs=procs
             )
-            flwr = start_process(
-                [*flower_bin("flwr"), "run", ".", "deployment", "--run-config", str(run_toml)]
-                + ["--stream"],
-                name="flwr-run",
-                log_dir=log_dir,
-                env=env,
-                cwd=ROOT,
-            )
+            flwr = start_flwr_run("deployment", run_toml, env=env, log_dir=log_dir, app_dir=ROOT)
             procs.append(flwr)
             try:
                 code = flwr.popen.wait(timeout=deadline.remaining())

@@ -454,6 +454,35 @@ def logs(procs: Iterable[ManagedProcess], lines: int = 40) -> str:
 # --- a deployment on 127.0.0.1 ---------------------------------------------------------------
 
 
+def start_flwr_run(
+    federation: str,
+    run_toml: Path,
+    *,
+    env: Mapping[str, str],
+    log_dir: Path,
+    app_dir: Path,
+    federation_config: str | None = None,
+) -> ManagedProcess:
+    """``flwr run <app_dir> <federation> --run-config <run_toml> --stream`` in the background."""
+    extra = ["--federation-config", federation_config] if federation_config else []
+    return start_process(
+        [
+            *flower_bin("flwr"),
+            "run",
+            ".",
+            federation,
+            "--run-config",
+            str(run_toml),
+            *extra,
+            "--stream",
+        ],
+        name="flwr-run",
+        log_dir=log_dir,
+        env=env,
+        cwd=app_dir,
+    )
+
+
 def start_local_deployment(
     nodes: int,
     *,

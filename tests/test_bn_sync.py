@@ -31,6 +31,7 @@ from common.bn_sync import (
     synchronized,
 )
 from common.inprocess_channel import InProcessHub
+from tests.recording_channel import RecordingChannel
 
 # name: (torch class, federated class, input shape (B, C, ...))
 SHAPES = {
@@ -92,21 +93,6 @@ class ForbiddenChannel(BNChannel):
 
     def reduce_grad_sums(self, layer: str, local: GradSums) -> GradSums:
         raise AssertionError(f"unexpected backward sync of {layer!r}")
-
-
-class RecordingChannel(BNChannel):
-    """Records the exchanges of a channel it wraps."""
-
-    def __init__(self, inner: BNChannel) -> None:
-        self.inner, self.calls = inner, []
-
-    def reduce_moments(self, layer: str, local: Moments) -> Moments:
-        self.calls.append(("forward", layer))
-        return self.inner.reduce_moments(layer, local)
-
-    def reduce_grad_sums(self, layer: str, local: GradSums) -> GradSums:
-        self.calls.append(("backward", layer))
-        return self.inner.reduce_grad_sums(layer, local)
 
 
 # --- 1. Without a channel, or in eval mode, it is torch's layer -----------------------------

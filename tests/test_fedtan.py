@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.bn_channel import BNChannel, BNSyncError, GradSums, Moments
+from common.bn_channel import BNSyncError
 from common.bn_sync import convert_federated_batchnorm, federated_batchnorm_layers
 from common.fedtan import synced_round, train_client
 from common.inprocess_channel import InProcessHub
 from common.models import build_model
+from tests.recording_channel import RecordingChannel
 
 NUM_CLASSES = 10
 F32_TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -130,21 +131,6 @@ def assert_states_close(got, expected, tol):
             torch.testing.assert_close(got[key], expected[key], **tol, msg=key)
         else:
             assert torch.equal(got[key], expected[key]), key
-
-
-class RecordingChannel(BNChannel):
-    """Records the exchanges of a channel it wraps."""
-
-    def __init__(self, inner: BNChannel) -> None:
-        self.inner, self.calls = inner, []
-
-    def reduce_moments(self, layer: str, local: Moments) -> Moments:
-        self.calls.append(("forward", layer))
-        return self.inner.reduce_moments(layer, local)
-
-    def reduce_grad_sums(self, layer: str, local: GradSums) -> GradSums:
-        self.calls.append(("backward", layer))
-        return self.inner.reduce_grad_sums(layer, local)
 
 
 def max_difference(a, b):

@@ -37,14 +37,13 @@ from tests.flower_processes import (
     Deadline,
     ManagedProcess,
     adopt_process,
-    flower_bin,
     flower_env,
     local_superlink_env,
     local_superlink_pids,
     logs,
     process_table,
+    start_flwr_run,
     start_local_deployment,
-    start_process,
     stop_processes,
     wait_for_file,
     write_flower_config,
@@ -139,22 +138,13 @@ def test_simulation_on_ray_actors_gives_the_in_process_engine_model(tmp_path, tr
     procs: list[ManagedProcess] = []
     actors: set[int] = set()
     try:
-        flwr = start_process(
-            [
-                *flower_bin("flwr"),
-                "run",
-                ".",
-                "local",
-                "--run-config",
-                str(run_toml),
-                "--federation-config",
-                federation_config,
-                "--stream",
-            ],
-            name="flwr-run",
-            log_dir=tmp_path / "logs",
+        flwr = start_flwr_run(
+            "local",
+            run_toml,
             env=env,
-            cwd=APP_DIR,
+            log_dir=tmp_path / "logs",
+            app_dir=APP_DIR,
+            federation_config=federation_config,
         )
         procs.append(flwr)
         link = None
@@ -210,21 +200,7 @@ def test_deployment_superlink_and_two_supernodes_give_the_in_process_engine_mode
             2, env=env, log_dir=log_dir, cwd=tmp_path, deadline=deadline, procs=procs
         )
 
-        flwr = start_process(
-            [
-                *flower_bin("flwr"),
-                "run",
-                ".",
-                "deployment",
-                "--run-config",
-                str(run_toml),
-                "--stream",
-            ],
-            name="flwr-run",
-            log_dir=log_dir,
-            env=env,
-            cwd=APP_DIR,
-        )
+        flwr = start_flwr_run("deployment", run_toml, env=env, log_dir=log_dir, app_dir=APP_DIR)
         procs.append(flwr)
         wait_for_cli(flwr, deadline, [link, *nodes])
         assert started_run_id(flwr), logs([flwr])

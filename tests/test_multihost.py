@@ -42,6 +42,7 @@ from tests.flower_processes import (
     flower_bin,
     flower_env,
     logs,
+    start_flwr_run,
     start_local_deployment,
     start_process,
     stop_processes,
@@ -100,14 +101,7 @@ def test_grpc_transport_in_deployment_matches_in_process_engine(tmp_path):
         )
         phases.mark("superlink up, 2 supernodes connected")
 
-        flwr = start_process(
-            [*flower_bin("flwr"), "run", ".", "deployment", "--run-config", str(run_toml)]
-            + ["--stream"],
-            name="flwr-run",
-            log_dir=log_dir,
-            env=env,
-            cwd=APP_DIR,
-        )
+        flwr = start_flwr_run("deployment", run_toml, env=env, log_dir=log_dir, app_dir=APP_DIR)
         procs.append(flwr)
         wait_for_cli(flwr, deadline, [link, *nodes])
         assert started_run_id(flwr), logs([flwr])
