@@ -16,6 +16,8 @@
 #   FEDTAN_RUN_CONFIG_FILE  run config TOML, relative to the project    [configs/digits.toml]
 #   FEDTAN_OUTPUT_DIR       output-dir as the ServerApp's container sees it (the mounted
 #                           results folder)                       [/app/outputs/digits-fedtan]
+#   FEDTAN_GRPC_RUN_CONFIG  run config of the grpc transport (set by docker/with-grpc.yml)     []
+#   FEDTAN_TLS_RUN_CONFIG   TLS run config of that transport (set by docker/with-tls.yml)      []
 #   FEDTAN_RUN_CONFIG       extra run config overrides, e.g. 'num-rounds=2 lr=0.05'          []
 set -eu
 
@@ -26,6 +28,8 @@ FEDTAN_WAIT_S="${FEDTAN_WAIT_S:-300}"
 FEDTAN_PROJECT_DIR="${FEDTAN_PROJECT_DIR:-/app/project}"
 FEDTAN_RUN_CONFIG_FILE="${FEDTAN_RUN_CONFIG_FILE:-configs/digits.toml}"
 FEDTAN_OUTPUT_DIR="${FEDTAN_OUTPUT_DIR:-/app/outputs/digits-fedtan}"
+FEDTAN_GRPC_RUN_CONFIG="${FEDTAN_GRPC_RUN_CONFIG:-}"
+FEDTAN_TLS_RUN_CONFIG="${FEDTAN_TLS_RUN_CONFIG:-}"
 FEDTAN_RUN_CONFIG="${FEDTAN_RUN_CONFIG:-}"
 FLWR_HOME="${FLWR_HOME:-$HOME/.flwr}"
 export FLWR_HOME
@@ -93,11 +97,12 @@ cmd_run() {
     wait_for_supernodes
     tmp=$(mktemp -d)
     # `flwr run` takes either one TOML file or key=value pairs, so merge them into one file: the
-    # config file, then num-clients and output-dir, then FEDTAN_RUN_CONFIG (later ones win).
+    # config file, then num-clients and output-dir, then what the compose override files set
+    # (FEDTAN_GRPC_RUN_CONFIG, FEDTAN_TLS_RUN_CONFIG), then FEDTAN_RUN_CONFIG (later ones win).
     python -c "$MERGE_RUN_CONFIG" "${FEDTAN_PROJECT_DIR}/${FEDTAN_RUN_CONFIG_FILE}" \
         "$tmp/run-config.toml" \
         "num-clients=${FEDTAN_NUM_SUPERNODES} output-dir=\"${FEDTAN_OUTPUT_DIR}\"" \
-        "$FEDTAN_RUN_CONFIG"
+        "$FEDTAN_GRPC_RUN_CONFIG" "$FEDTAN_TLS_RUN_CONFIG" "$FEDTAN_RUN_CONFIG"
     say "submitting ${FEDTAN_PROJECT_DIR} to ${FEDTAN_NUM_SUPERNODES} SuperNodes"
     # `flwr run --stream` follows the run's logs until the run ends.
     rc=0

@@ -14,9 +14,17 @@
 #      run config, bounded in time, and checks the results in the mounted folder;
 #   5. with --tls, does the same again with docker/with-tls.yml (certificates from
 #      docker/generate-certs.sh, in the temp folder);
-#   6. `docker-compose down -v`, removes the images, stops the engine, deletes the temp folder.
+#   6. `docker-compose down -v`, removes the images, stops the engine, deletes the temp folder,
+#      and checks that the host's iptables rules, ip_forward and interfaces are as before.
+# With --grpc every run adds docker/with-grpc.yml: FedTAN's BN sync channel (transport = "grpc")
+# between the ServerApp's and the ClientApps' containers, over TLS too with --tls; the checks
+# then also want transport "grpc" in config.json and one round trip (the train message) per round
+# with no BN statistics in Flower messages, and, while the ServerApp runs, a probe from a
+# ClientApp container dials superexec-serverapp:9095 as the clients do (under TLS: verified
+# against the CA and the name, and a plaintext channel must be refused).
 #
-# Usage: sudo scripts/docker_demo.sh [--tls] [--no-plain] [--log FILE]
+# Usage: sudo scripts/docker_demo.sh [--tls] [--grpc] [--no-plain] [--log FILE]
+#   log: docs/results/docker_demo.log, or docs/results/docker_demo_grpc.log with --grpc
 # Environment:
 #   FEDTAN_DEMO_RUN_CONFIG   run config overrides for the plain run           [num-rounds=2]
 #   FEDTAN_DEMO_TLS_RUN_CONFIG  the same for the TLS run                      [num-rounds=1]
@@ -34,16 +42,22 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN_PLAIN=1
 RUN_TLS=0
-LOG="$ROOT/docs/results/docker_demo.log"
+RUN_GRPC=0
+LOG=""
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --tls) RUN_TLS=1; shift ;;
+        --grpc) RUN_GRPC=1; shift ;;
         --no-plain) RUN_PLAIN=0; shift ;;
         --log) LOG="$2"; shift 2 ;;
-        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
+if [ -z "$LOG" ]; then
+    LOG="$ROOT/docs/results/docker_demo.log"
+    [ "$RUN_GRPC" -eq 0 ] || LOG="$ROOT/docs/results/docker_demo_grpc.log"
+fi
 RUN_CONFIG="${FEDTAN_DEMO_RUN_CONFIG:-num-rounds=2}"
 TLS_RUN_CONFIG="${FEDTAN_DEMO_TLS_RUN_CONFIG:-num-rounds=1}"
 TIMEOUT_S="${FEDTAN_DEMO_TIMEOUT_S:-1500}"
@@ -81,6 +95,16 @@ say "docker-compose: $(docker-compose version --short), dockerd: $(dockerd --ver
 
 # ------------------------------------------------------------------ temp folder and cleanup
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/fedtan-docker-demo.XXXXXX")"
+# The host's firewall rules (packet counters aside), forwarding switches and network interfaces,
+# compared at the end: the engine must leave them as they were.
+host_net_state() {
+    { iptables-save 2>/dev/null || true; ip6tables-save 2>/dev/null || true; } \
+        | grep -v '^#' | sed -E 's/ ?\[[0-9]+:[0-9]+\]//'
+    echo "net.ipv4.ip_forward=$(sysctl -n net.ipv4.ip_forward 2>/dev/null)"
+    echo "net.ipv6.conf.all.forwarding=$(sysctl -n net.ipv6.conf.all.forwarding 2>/dev/null)"
+    ip -o link show 2>/dev/null | awk -F': ' '{print "link " $2}' | sed 's/@.*//' | sort
+}
+host_net_state > "$WORK/host-net.before"
 CACHE="${FEDTAN_DEMO_CACHE:-$WORK/cache}"
 mkdir -p "$CACHE"
 D="$WORK/engine"
@@ -88,6 +112,7 @@ mkdir -p "$D"
 export DOCKER_HOST="unix://$D/docker.sock"
 DOCKERD_PID=""
 HTTP_PID=""
+PROBE_PID=""
 COMPOSE_FILES=()
 
 compose() { docker-compose -p "$PROJECT" "${COMPOSE_FILES[@]}" "$@"; }
@@ -97,6 +122,7 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     say "cleaning up"
+    if [ -n "$PROBE_PID" ]; then kill "$PROBE_PID" 2>/dev/null; wait "$PROBE_PID" 2>/dev/null; fi
     if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
         if [ "${#COMPOSE_FILES[@]}" -gt 0 ]; then
             compose down -v --remove-orphans --rmi all >/dev/null 2>&1
@@ -111,6 +137,17 @@ cleanup() {
         say "dockerd (pid $DOCKERD_PID) stopped"
     fi
     if [ -n "$HTTP_PID" ]; then kill "$HTTP_PID" 2>/dev/null; wait "$HTTP_PID" 2>/dev/null; fi
+    if [ -s "$WORK/host-net.before" ]; then
+        if host_net_state | diff "$WORK/host-net.before" - > "$WORK/host-net.diff"; then
+            say "host unchanged: iptables/ip6tables rules, ip_forward" \
+                "($(grep -h '_forward\|forwarding' "$WORK/host-net.before" | tr '\n' ' '))," \
+                "network interfaces ($(grep -c '^link ' "$WORK/host-net.before"))"
+        else
+            say "WARNING: the host's firewall, forwarding or interfaces differ from the start" \
+                "(another program, or this engine):"
+            sed 's/^/    /' "$WORK/host-net.diff"
+        fi
+    fi
     # The engine leaves mounts under its roots (netns, overlay); unmount before deleting.
     findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | while read -r m; do
         umount -l "$m" 2>/dev/null
@@ -239,9 +276,16 @@ demo_run() {  # demo_run NAME RUN_CONFIG compose-files...
     say "=== $name: docker-compose ${COMPOSE_FILES[*]} up --no-build" \
         "--abort-on-container-exit --exit-code-from submit submit (run config: $run_config)"
     local t=$(date +%s) rc=0
+    if [ "$RUN_GRPC" -eq 1 ]; then
+        probe_bn_sync "$WORK/probe-$name.txt" &
+        PROBE_PID=$!
+    fi
     timeout "$TIMEOUT_S" docker-compose -p "$PROJECT" "${COMPOSE_FILES[@]}" up --no-build \
         --no-color --abort-on-container-exit --exit-code-from submit submit || rc=$?
     say "=== $name: compose exited with $rc after $(( $(date +%s) - t ))s"
+    if [ -n "$PROBE_PID" ]; then
+        kill "$PROBE_PID" 2>/dev/null; wait "$PROBE_PID" 2>/dev/null; PROBE_PID=""
+    fi
     compose ps
     compose logs --no-color > "$WORK/compose-$name.log" 2>&1 || true
     say "last lines of every service's log:"
@@ -251,7 +295,73 @@ demo_run() {  # demo_run NAME RUN_CONFIG compose-files...
     done
     compose down -v --remove-orphans >/dev/null 2>&1 || true
     [ "$rc" -eq 0 ] || { say "$name: the run did not finish as completed"; return 1; }
-    check_outputs "$FEDTAN_OUTPUTS_DIR/digits-fedtan" "$name" "$run_config"
+    check_outputs "$FEDTAN_OUTPUTS_DIR/digits-fedtan" "$name" "$run_config" || return 1
+    if [ "$RUN_GRPC" -eq 1 ]; then
+        check_grpc "$name" "$WORK/probe-$name.txt" "$FEDTAN_OUTPUTS_DIR/digits-fedtan"
+    fi
+}
+
+# Dial the BN sync service from superexec-clientapp-1 the way the ClientApps do, once the
+# ServerApp listens (checked in /proc/net/tcp*, cheaply, every 2 s); the result goes to FILE.
+BN_SYNC_PORT="${FEDTAN_BN_SYNC_PORT:-9095}"
+PROBE_PY='
+import socket, ssl, sys
+import grpc
+addr, ca = sys.argv[1], sys.argv[2]
+host, port = addr.rsplit(":", 1)
+
+def ready(channel):
+    try:
+        grpc.channel_ready_future(channel).result(timeout=5)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+
+if not ca:
+    ok = ready(grpc.insecure_channel(addr))
+    print(f"plaintext gRPC channel to {addr}:", "ready" if ok else "FAILED")
+    sys.exit(0 if ok else 1)
+ctx = ssl.create_default_context(cafile=ca)  # checks the chain and the name, as gRPC does
+ctx.set_alpn_protocols(["h2"])
+with socket.create_connection((host, int(port)), 5) as raw:
+    with ctx.wrap_socket(raw, server_hostname=host) as tls:
+        cert = tls.getpeercert()
+        print(f"TLS handshake with {addr}: {tls.version()}, verified against {ca} for {host!r};",
+              "subject", dict(x[0] for x in cert["subject"]).get("commonName"),
+              "SANs", ", ".join(f"{k}:{v}" for k, v in cert["subjectAltName"]))
+with open(ca, "rb") as f:
+    ok_tls = ready(grpc.secure_channel(addr, grpc.ssl_channel_credentials(f.read())))
+ok_plain = ready(grpc.insecure_channel(addr))
+print(f"TLS gRPC channel to {addr}:", "ready" if ok_tls else "FAILED",
+      "| plaintext gRPC channel:", "ready (NOT expected)" if ok_plain else "refused (as expected)")
+sys.exit(0 if ok_tls and not ok_plain else 1)
+'
+probe_bn_sync() {  # probe_bn_sync FILE (in the background)
+    local hex ca="" server client
+    hex=$(printf ':%04X' "$BN_SYNC_PORT")
+    [ -z "${FEDTAN_CERTS_DIR:-}" ] || ca=/app/certs/ca.crt
+    : > "$1"
+    while :; do
+        sleep 2
+        server=$(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" \
+            --filter label=com.docker.compose.service=superexec-serverapp || true)
+        client=$(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" \
+            --filter label=com.docker.compose.service=superexec-clientapp-1 || true)
+        [ -n "$server" ] && [ -n "$client" ] || continue
+        # local_address :PORT with state 0A (LISTEN)
+        (docker exec "$server" cat /proc/net/tcp /proc/net/tcp6 2>/dev/null || true) \
+            | awk -v p="$hex" '$2 ~ p"$" && $4 == "0A" {f=1} END {exit !f}' || continue
+        if docker exec "$client" python -c "$PROBE_PY" "superexec-serverapp:$BN_SYNC_PORT" \
+            "$ca" > "$1.try" 2>&1; then
+            mv "$1.try" "$1"
+            echo "OK" >> "$1"
+            return 0
+        fi
+        mv "$1.try" "$1"
+        sleep 10
+    done
 }
 
 check_outputs() {  # check_outputs DIR NAME RUN_CONFIG
@@ -275,17 +385,51 @@ print("    OK: summary, metrics (json, csv) and model.pt are there")
 EOF
 }
 
+check_grpc() {  # check_grpc NAME PROBE_FILE DIR: the run used the BN sync channel
+    local want=plain
+    [ -z "${FEDTAN_CERTS_DIR:-}" ] || want=TLS
+    say "$1: the BN sync channel (transport grpc, $want), probed from superexec-clientapp-1:"
+    cut -c1-300 "$2" | sed 's/^/    /'
+    [ "$(tail -n 1 "$2")" = OK ] || { say "$1: the probe of the BN sync service failed"; return 1; }
+    "$HOST_PY" - "$3" "$want" <<'EOF'
+import json, sys
+from pathlib import Path
+out, want = Path(sys.argv[1]), sys.argv[2]
+config = json.loads((out / "config.json").read_text())
+rows = json.loads((out / "metrics.json").read_text())
+flat = {k.replace("-", "_"): v for k, v in config.items()}
+keys = ("transport", "bn_sync_host", "bn_sync_port", "bn_sync_address", "bn_sync_timeout",
+        "bn_sync_certfile", "bn_sync_ca_certfile")
+print("    config:", {k: flat.get(k) for k in keys})
+print("    round trips per round:", [r["round_trips"] for r in rows],
+      "| BN bytes in Flower messages:", [r["bn_bytes_down"] + r["bn_bytes_up"] for r in rows])
+assert flat["transport"] == "grpc", flat["transport"]
+assert flat["bn_sync_address"].startswith("superexec-serverapp:"), flat["bn_sync_address"]
+assert bool(flat.get("bn_sync_certfile")) == (want == "TLS"), flat.get("bn_sync_certfile")
+# One Flower message per client and round (train.fedtan); the 2L exchanges went over the
+# channel, so no BN statistics travelled in Flower messages.
+assert all(r["round_trips"] == 1 for r in rows), [r["round_trips"] for r in rows]
+assert all(r["bn_bytes_down"] + r["bn_bytes_up"] == 0 for r in rows)
+print("    OK: the synced steps ran over the BN sync channel")
+EOF
+}
+
 kill "$HTTP_PID" 2>/dev/null; wait "$HTTP_PID" 2>/dev/null || true; HTTP_PID=""
 
 status=0
+GRPC_FILES=()
+SUFFIX=""
+if [ "$RUN_GRPC" -eq 1 ]; then GRPC_FILES=(with-grpc.yml); SUFFIX="-grpc"; fi
 if [ "$RUN_PLAIN" -eq 1 ]; then
-    demo_run plain "$RUN_CONFIG" || status=1
+    demo_run "plain$SUFFIX" "$RUN_CONFIG" "${GRPC_FILES[@]}" || status=1
 fi
 if [ "$RUN_TLS" -eq 1 ]; then
     export FEDTAN_CERTS_DIR="$WORK/certs"
     FEDTAN_CERTS_DIR="$FEDTAN_CERTS_DIR" bash "$ROOT/docker/generate-certs.sh" \
         --owner 49999:49999
-    demo_run tls "$TLS_RUN_CONFIG" with-tls.yml || status=1
+    openssl x509 -in "$FEDTAN_CERTS_DIR/bn-sync.crt" -noout -subject -ext subjectAltName \
+        | sed 's/^/    bn-sync.crt: /'
+    demo_run "tls$SUFFIX" "$TLS_RUN_CONFIG" with-tls.yml "${GRPC_FILES[@]}" || status=1
 fi
 df -h "$WORK" | tail -n 1 | sed 's/^/    disk: /'
 docker system df | sed 's/^/    /'

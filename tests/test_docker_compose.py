@@ -1,12 +1,16 @@
-"""Static checks of the Docker deployment (docker/): no engine, no images, a few seconds.
+"""Static checks of the Docker deployment (docker/): no engine, no images, under a minute.
 
-* Every compose combination (base, +TLS, +GPU, +TLS+GPU) validates with `docker-compose config`
-  (Debian's docker-compose 1.29; the file format is the Compose Specification, which Compose v2
-  reads too).
+* Every compose combination (base, +TLS, +GPU, +TLS+GPU, +grpc, +TLS+grpc) validates with
+  `docker-compose config` (Debian's docker-compose 1.29; the file format is the Compose
+  Specification, which Compose v2 reads too).
 * Images are pinned; the Dockerfiles end as a non-root user; no certificate or key is tracked.
 * Every SuperNode has its own partition-id, all of them cover 0..N-1 with num-partitions=N, and
   every SuperNode has its own SuperExec.
 * The TLS override leaves nothing in plaintext; the GPU override reserves GPUs for the ClientApps.
+* The grpc override (transport = "grpc") binds the BN sync service in the ServerApp's container
+  and advertises that compose service; with TLS, the channel's certificate, key and CA are
+  mounted where the run config says, and docker/generate-certs.sh issues that certificate for
+  the advertised name. The run config `submit` would submit is one the app accepts.
 * The locked requirements cover pyproject.toml's dependencies.
 The end-to-end run lives in scripts/docker_demo.sh (needs root and a few GB; see docs/docker.md).
 """
@@ -18,6 +22,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +41,8 @@ OVERRIDES = {
     "tls": [DOCKER / "with-tls.yml"],
     "gpu": [DOCKER / "with-gpu.yml"],
     "tls+gpu": [DOCKER / "with-tls.yml", DOCKER / "with-gpu.yml"],
+    "grpc": [DOCKER / "with-grpc.yml"],
+    "tls+grpc": [DOCKER / "with-tls.yml", DOCKER / "with-grpc.yml"],
 }
 FLWR_VERSION = "1.42.0"
 DOCKER_COMPOSE = shutil.which("docker-compose")
@@ -335,7 +342,7 @@ def test_results_folder_is_mounted_where_the_run_writes() -> None:
 
 
 @needs_compose
-@pytest.mark.parametrize("name", ["tls", "tls+gpu"])
+@pytest.mark.parametrize("name", ["tls", "tls+gpu", "tls+grpc"])
 def test_tls_leaves_nothing_in_plaintext(name: str) -> None:
     services = resolved(name)["services"]
     auth_keys = []
@@ -374,6 +381,229 @@ def test_gpu_override_reserves_gpus_for_clientapps(name: str) -> None:
     for s in services.values():
         if "build" in s:
             assert s["build"]["args"]["TORCH_VARIANT"] == "cuda"
+
+
+# --------------------------------------------------------------------------- grpc transport
+
+# What docker/fedtan-cli.sh merges into the run config, in its order (later ones win).
+CLI_RUN_CONFIG_VARS = ("FEDTAN_GRPC_RUN_CONFIG", "FEDTAN_TLS_RUN_CONFIG", "FEDTAN_RUN_CONFIG")
+
+
+def _run_config_var(service: dict, var: str) -> dict:
+    from flwr.common.config import parse_config_args
+
+    value = (service.get("environment") or {}).get(var) or ""
+    return parse_config_args([value]) if value else {}
+
+
+def _serverapp_service(services: dict) -> str:
+    """The SuperExec that launches the ServerApp: the one attached to the SuperLink."""
+    (name,) = [
+        svc
+        for svc, s in services.items()
+        if svc.startswith("superexec-")
+        and _flag(_command(s), "--runtime-api-address") == "superlink:9093"
+    ]
+    return name
+
+
+def _submitted_run_config(services: dict) -> dict:
+    """The run config `submit` would send, merged as docker/fedtan-cli.sh does."""
+    from flwr.common.config import flatten_dict
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    config = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
+    env = services["submit"]["environment"]
+    config.update(flatten_dict(tomllib.loads((ROOT / env["FEDTAN_RUN_CONFIG_FILE"]).read_text())))
+    config["num-clients"] = int(env["FEDTAN_NUM_SUPERNODES"])
+    for var in CLI_RUN_CONFIG_VARS:
+        config.update(_run_config_var(services["submit"], var))
+    return config
+
+
+def _mounts(service: dict) -> dict[str, tuple[str, str]]:
+    """Mount target -> (source, mode)."""
+    out = {}
+    for m in service.get("volumes", []):
+        source, target, *mode = m.split(":") if isinstance(m, str) else (m["source"], m["target"])
+        out[target] = (source, mode[0] if mode else "rw")
+    return out
+
+
+@needs_compose
+@pytest.mark.parametrize("name", ["grpc", "tls+grpc"])
+def test_grpc_override_binds_and_advertises_the_serverapps_container(name: str) -> None:
+    from common.config import RunConfig
+
+    services = resolved(name)["services"]
+    cfg = _run_config_var(services["submit"], "FEDTAN_GRPC_RUN_CONFIG")
+    assert cfg["transport"] == "grpc"
+    assert cfg["bn-sync-host"] == "0.0.0.0"  # every interface of the container, not loopback
+    port = cfg["bn-sync-port"]
+    assert isinstance(port, int) and port > 0, "a fixed port: the clients are told it up front"
+    host, _, advertised_port = cfg["bn-sync-address"].rpartition(":")
+    assert int(advertised_port) == port
+    # The clients dial the compose service in whose container the ServerApp runs, by name.
+    assert host == _serverapp_service(services)
+    assert str(port) in [str(p) for p in services[host].get("expose", [])]
+    assert not services[host].get("ports"), "the channel is not published on the host"
+    # Generous enough for ClientApp processes that start at different times.
+    assert cfg["bn-sync-timeout"] >= 120
+    # What submit sends is accepted by the app as is.
+    run = RunConfig.from_flower(_submitted_run_config(services))
+    assert run.transport == "grpc" and run.method == "fedtan"
+    assert bool(run.bn_sync_certfile) == ("tls" in name)
+
+
+@needs_compose
+@pytest.mark.parametrize("name", ["tls", "tls+grpc"])
+def test_tls_mounts_the_bn_sync_certificate_where_the_run_config_says(name: str) -> None:
+    services = resolved(name)["services"]
+    cfg = _run_config_var(services["submit"], "FEDTAN_TLS_RUN_CONFIG")
+    serverapp = _serverapp_service(services)
+    mounts = _mounts(services[serverapp])
+    expected = {
+        "bn-sync-certfile": "bn-sync.crt",
+        "bn-sync-keyfile": "bn-sync.key",
+        "bn-sync-ca-certfile": "ca.crt",
+    }
+    for key, filename in expected.items():
+        path = cfg[key]
+        assert path in mounts, f"{key}={path} is not mounted into {serverapp}"
+        source, mode = mounts[path]
+        assert Path(source).name == filename and mode == "ro", (key, source, mode)
+    # The key of the channel goes to the ServerApp's container only.
+    for svc, s in services.items():
+        if svc != serverapp:
+            assert not any(Path(src).name == "bn-sync.key" for src, _ in _mounts(s).values()), svc
+
+
+@needs_compose
+@pytest.mark.parametrize("name", list(OVERRIDES))
+def test_submitted_run_config_is_valid(name: str) -> None:
+    from common.config import RunConfig
+
+    run = RunConfig.from_flower(_submitted_run_config(resolved(name)["services"]))
+    assert run.transport == ("grpc" if "grpc" in name else "messages")
+
+
+@needs_compose
+def test_plain_grpc_has_no_tls_settings() -> None:
+    services = resolved("grpc")["services"]
+    assert not _run_config_var(services["submit"], "FEDTAN_TLS_RUN_CONFIG")
+    for svc, s in services.items():
+        assert not any("/certs/" in target for target in _mounts(s)), svc
+
+
+def test_fedtan_cli_merges_the_override_run_configs_in_order(tmp_path: Path) -> None:
+    """fedtan-cli passes the override files' run config before the user's (which wins)."""
+    text = (DOCKER / "fedtan-cli.sh").read_text()
+    merge = re.search(r'python -c "\$MERGE_RUN_CONFIG"(.*?)\n\s*say ', text, re.S)
+    assert merge, "the merge call is not where expected"
+    quoted = re.findall(r'"\$(\w+)"', merge.group(1))
+    assert tuple(quoted[-3:]) == CLI_RUN_CONFIG_VARS, quoted
+    # The merge itself: later overrides win, empty ones are skipped.
+    snippet = re.search(r"^MERGE_RUN_CONFIG='(.*?)^'", text, re.S | re.M).group(1)
+    pytest.importorskip("tomli_w")
+    merged = tmp_path / "run-config.toml"
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            snippet,
+            str(ROOT / "configs" / "digits.toml"),
+            str(merged),
+            'num-clients=3 output-dir="/app/outputs/x"',
+            'transport="grpc" bn-sync-port=9095',
+            "",
+            "bn-sync-port=9100",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    config = tomllib.loads(merged.read_text())
+    assert config["transport"] == "grpc" and config["bn-sync-port"] == 9100
+    assert config["num-clients"] == 3 and config["dataset"] == "digits"
+
+
+HAS_CERT_TOOLS = shutil.which("openssl") is not None and shutil.which("ssh-keygen") is not None
+
+
+@pytest.fixture(scope="module")
+def generated_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not HAS_CERT_TOOLS:
+        pytest.skip("openssl and ssh-keygen are needed")
+    out = tmp_path_factory.mktemp("certs")
+    env = {**os.environ, "FEDTAN_CERTS_DIR": str(out)}
+    proc = subprocess.run(
+        ["bash", str(DOCKER / "generate-certs.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _sans(cert: Path) -> set[str]:
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-noout", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {s.strip() for s in text.splitlines()[-1].split(",")}
+
+
+def test_generated_bn_sync_certificate_covers_the_advertised_name(generated_certs: Path) -> None:
+    advertised = "superexec-serverapp"
+    if DOCKER_COMPOSE is not None:
+        cfg = _run_config_var(resolved("tls+grpc")["services"]["submit"], "FEDTAN_GRPC_RUN_CONFIG")
+        advertised = cfg["bn-sync-address"].rpartition(":")[0]
+    assert {f"DNS:{advertised}", "DNS:localhost"} <= _sans(generated_certs / "bn-sync.crt")
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", "ca.crt", "bn-sync.crt"],
+        cwd=generated_certs,
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@needs_compose
+@pytest.mark.parametrize("name", ["tls", "tls+grpc"])
+def test_generate_certs_makes_every_file_tls_mounts(name: str, generated_certs: Path) -> None:
+    """A missing source would be created by the engine as an empty folder: all must exist."""
+    certs = ROOT / "docker" / "certs"
+    for svc, s in resolved(name)["services"].items():
+        for source, _ in _mounts(s).values():
+            if Path(source).parent == certs:
+                assert (generated_certs / Path(source).name).is_file(), (svc, source)
+
+
+def test_generate_certs_adds_missing_files_to_an_existing_ca(tmp_path: Path) -> None:
+    """A folder made before bn-sync.crt existed gets it, signed by the CA that is there."""
+    if not HAS_CERT_TOOLS:
+        pytest.skip("openssl and ssh-keygen are needed")
+    env = {**os.environ, "FEDTAN_CERTS_DIR": str(tmp_path)}
+    script = ["bash", str(DOCKER / "generate-certs.sh")]
+    subprocess.run(script, env=env, capture_output=True, check=True, timeout=120)
+    ca, superlink = (tmp_path / "ca.crt").read_bytes(), (tmp_path / "superlink.crt").read_bytes()
+    (tmp_path / "bn-sync.crt").unlink()
+    (tmp_path / "bn-sync.key").unlink()
+    proc = subprocess.run(script, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "adding bn-sync.crt" in proc.stdout
+    assert (tmp_path / "ca.crt").read_bytes() == ca
+    assert (tmp_path / "superlink.crt").read_bytes() == superlink
+    assert (tmp_path / "bn-sync.key").is_file()
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", "ca.crt", "bn-sync.crt"], cwd=tmp_path, check=False
+    )
+    assert verify.returncode == 0
+    again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "keeping them" in again.stdout
 
 
 # --------------------------------------------------------------------------- repository hygiene
