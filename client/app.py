@@ -17,6 +17,7 @@ message in deployment, gives the same answers.
 
 from __future__ import annotations
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -24,7 +25,7 @@ from client import baselines
 from client.bn_sync_client import GrpcBNChannel
 from client.replay import ReplayChannel, capture_local_stats
 from common import task
-from common.bn_channel import BNSyncError
+from common.bn_channel import BNSyncError, Moments
 from common.bn_records import BACKWARD, FORWARD, UnionStats, local_stats_record
 from common.bn_sync import convert_federated_batchnorm
 from common.config import RunConfig
@@ -43,6 +44,16 @@ def bn_forward(msg: Message, context: Context) -> Message:
 @app.query("bn_backward")
 def bn_backward(msg: Message, context: Context) -> Message:
     return _reply_local_stats(msg, context, BACKWARD)
+
+
+@app.query("bn_sync_preflight")
+def bn_sync_preflight(msg: Message, context: Context) -> Message:
+    """Join the round's BN sync service once, as the synced step will: proves it can."""
+    config = msg.content.config_records["config"]
+    probe = Moments(1, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    with _grpc_channel(config, context) as channel:
+        channel.reduce_moments("preflight", probe)
+    return Message(RecordDict(), reply_to=msg)
 
 
 @app.train("local")

@@ -72,6 +72,8 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
         return MetricRecord(task.evaluate(model, cfg))
 
     try:
+        if grpc_sync is not None:
+            grpc_sync.preflight(grid, strategy.sample_nodes(grid, 1), cfg.reply_timeout)
         result = strategy.start(
             grid,
             ArrayRecord(model.state_dict()),

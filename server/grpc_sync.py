@@ -12,10 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from server.bn_sync_service import BNSyncService
-from server.exchange import MODEL_KEY, RoundFailure
+from server.exchange import MODEL_KEY, RoundFailure, exchange
+
+PREFLIGHT_ROUND = 0  # rounds are numbered from 1
 
 
 class GrpcSync:
@@ -47,6 +50,7 @@ class GrpcSync:
         arrays: ArrayRecord,
         config: ConfigRecord,
         group_id: str,
+        message_type: str = "train.fedtan",
     ) -> list[Message]:
         self.round_id = round_id
         credentials = self.service.open_round(round_id, [str(node) for node in nodes])
@@ -68,7 +72,7 @@ class GrpcSync:
                     }
                 ),
                 dst_node_id=node,
-                message_type="train.fedtan",
+                message_type=message_type,
                 group_id=group_id,
             )
             for node in nodes
@@ -88,6 +92,32 @@ class GrpcSync:
                     '"client-resources-num-cpus=1 init-args-num-cpus=K")'
                 )
             raise RoundFailure(f"BN sync round aborted: {failure}")
+
+    def preflight(self, grid: Grid, nodes: Sequence[int], timeout: float) -> None:
+        """Before round 1: ``nodes`` join the service together once, or the run stops here.
+
+        Catches at start what would otherwise fail every round: clients that cannot run at the
+        same time (too few Ray actors), an address they cannot reach, a certificate they reject.
+        """
+        messages = self.train_messages(
+            PREFLIGHT_ROUND,
+            nodes,
+            ArrayRecord(),
+            ConfigRecord(),
+            "fedtan-bn-sync-preflight",
+            "query.bn_sync_preflight",
+        )
+        problem = None
+        try:
+            exchange(grid, messages, timeout=timeout)
+        except RoundFailure as failure:
+            problem = str(failure)
+        try:
+            self.finish_round()
+        except RoundFailure as failure:  # the service's account names a client that never came
+            problem = str(failure)
+        if problem is not None:
+            raise RuntimeError(f"the BN sync channel check before round 1 failed: {problem}")
 
     def stop(self) -> None:
         self.service.stop()

@@ -46,6 +46,7 @@ class LocalGrid(Grid):
         num_nodes: int,
         run_config: Mapping,
         faults: Mapping[int, Fault] | None = None,
+        concurrency: int | None = None,
     ) -> None:
         self.client_app = client_app
         self.node_ids = [1000 + k for k in range(num_nodes)]
@@ -60,6 +61,7 @@ class LocalGrid(Grid):
             for k, node in enumerate(self.node_ids)
         }
         self.faults = dict(faults or {})
+        self.concurrency = concurrency  # nodes working at once (Ray actors); None: all
         self.sent: list[Message] = []
         self._ids = itertools.count()
 
@@ -76,7 +78,7 @@ class LocalGrid(Grid):
             self.sent.append(msg)
             batch.append(msg)
         # Nodes work at the same time, as SuperNodes do (the gRPC transport relies on it).
-        with ThreadPoolExecutor(max_workers=max(1, len(batch))) as pool:
+        with ThreadPoolExecutor(max_workers=self.concurrency or max(1, len(batch))) as pool:
             replies = list(pool.map(self._handle, batch))
         return [reply for reply in replies if reply is not None]
 

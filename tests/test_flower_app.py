@@ -251,8 +251,11 @@ def test_the_grpc_transport_gives_the_in_process_engine_model(tmp_path):
     result, grid = run(tmp_path, **overrides)
     cfg = RunConfig.from_flower({**BASE, **overrides})
     assert_states_equal(result.arrays.to_torch_state_dict(), in_process_reference(cfg, 3))
-    # One Flower message per client and round; nothing of the BN sync crosses Flower.
-    assert [m.metadata.message_type for m in grid.sent] == ["train.fedtan"] * 3 * 2
+    # One Flower message per client and round (after one check before round 1); nothing of
+    # the BN sync crosses Flower.
+    assert [m.metadata.message_type for m in grid.sent] == ["query.bn_sync_preflight"] * 3 + [
+        "train.fedtan"
+    ] * 3 * 2
 
 
 def test_the_grpc_transport_uses_tls_when_configured(tmp_path):
@@ -287,7 +290,7 @@ def test_a_client_killed_mid_round_over_grpc_is_named_and_the_round_retried(
         return real(self, layer, local)
 
     monkeypatch.setattr(GrpcBNChannel, "reduce_grad_sums", killed_in_backward)
-    vanished = {1001: lambda reply: None}  # and its reply never comes
+    vanished = {1001: vanish_at_train_reply(1)}  # and its reply never comes
     result, _ = run(tmp_path, faults=vanished, **{"transport": "grpc", "bn-sync-timeout": 5.0})
     failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     assert any("1001" in f for f in failures), failures
@@ -295,29 +298,16 @@ def test_a_client_killed_mid_round_over_grpc_is_named_and_the_round_retried(
     assert all(m["clients"] == 2 for m in result.train_metrics_clientapp.values())
 
 
-def test_a_client_that_never_joins_the_grpc_sync_is_named_with_a_resources_hint(
-    tmp_path, caplog, monkeypatch
-):
-    """What a Ray simulation with fewer actors than clients looks like: one client comes late."""
-    import time
-
-    from client.bn_sync_client import GrpcBNChannel
-
-    real = GrpcBNChannel.reduce_moments
-
-    def late(self, layer, local):
-        if self.client_id == "1002":
-            time.sleep(3)
-        return real(self, layer, local)
-
-    monkeypatch.setattr(GrpcBNChannel, "reduce_moments", late)
-    run(
-        tmp_path,
-        **{"transport": "grpc", "bn-sync-timeout": 1.0, "num-rounds": 1, "on-failure": "stop"},
-    )
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert any("'1002' sent nothing" in e and "init-args-num-cpus" in e for e in errors), errors
-    assert '"status": "stopped"' in (tmp_path / "out" / "summary.json").read_text()
+def test_grpc_fails_at_start_when_the_clients_cannot_run_at_the_same_time(tmp_path):
+    """A Ray simulation with one actor for 3 clients: the check before round 1 says so."""
+    overrides = {"transport": "grpc", "bn-sync-timeout": 1.0}
+    run_config = {**BASE, "output-dir": str(tmp_path / "out"), **overrides}
+    grid = LocalGrid(client_app, 3, run_config, concurrency=1)
+    with pytest.raises(RuntimeError, match="before round 1.*sent nothing.*init-args-num-cpus"):
+        run_fedtan(grid, RunConfig.from_flower(run_config))
+    assert not (tmp_path / "out" / "metrics.csv").exists()  # no round was started
+    types = {m.metadata.message_type for m in grid.sent}
+    assert types == {"query.bn_sync_preflight"}
 
 
 def test_clients_per_round_samples_a_seeded_subset_every_round(tmp_path):
