@@ -1,4 +1,4 @@
-"""Bytes and numpy forms of what federated BN layers exchange, for transports between processes.
+"""The byte form of what federated BN layers exchange, for the gRPC transport.
 
 No protobuf code generation: a frame is a 5-byte header (magic ``BNW1`` and a kind byte) and then
 fixed little-endian fields, so it is the same on every platform and every malformed or truncated
@@ -13,15 +13,11 @@ adds no rounding of its own.
 ``ReduceRequest`` is one client's contribution to one exchange of a round (what the gRPC service
 receives); its payload stays bytes until the sender is authenticated, so that undecodable data
 can be blamed on a known client.
-
-The numpy dicts (``moments_to_arrays`` ...) are the same content for transports that carry named
-arrays, such as Flower's ``ArrayRecord``.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,35 +157,6 @@ def decode_request(data: bytes) -> ReduceRequest:
     return ReduceRequest(round_id, *texts[:2], texts[2], texts[3], seq, data[offset:])
 
 
-# --- numpy dicts, for transports that carry named arrays (Flower ArrayRecord) ---------------
-
-
-def moments_to_arrays(moments: Moments) -> dict[str, np.ndarray]:
-    mean, m2 = _vectors("Moments", mean=moments.mean, m2=moments.m2)
-    return {"count": np.array([moments.count], dtype=np.int64), "mean": mean, "m2": m2}
-
-
-def moments_from_arrays(arrays: Mapping[str, np.ndarray]) -> Moments:
-    _expect_keys(arrays, {"count", "mean", "m2"}, "Moments")
-    count = np.asarray(arrays["count"])
-    if count.size != 1 or not np.issubdtype(count.dtype, np.integer):
-        raise BNSyncError(f"Moments count must be one integer, got {count.dtype} {count.shape}")
-    mean, m2 = _tensors("Moments", mean=arrays["mean"], m2=arrays["m2"])
-    return Moments(int(count.reshape(())), mean, m2)
-
-
-def grad_sums_to_arrays(sums: GradSums) -> dict[str, np.ndarray]:
-    s1, s2 = _vectors("GradSums", sum_dy=sums.sum_dy, sum_dy_xhat=sums.sum_dy_xhat)
-    return {"sum_dy": s1, "sum_dy_xhat": s2}
-
-
-def grad_sums_from_arrays(arrays: Mapping[str, np.ndarray]) -> GradSums:
-    _expect_keys(arrays, {"sum_dy", "sum_dy_xhat"}, "GradSums")
-    return GradSums(
-        *_tensors("GradSums", sum_dy=arrays["sum_dy"], sum_dy_xhat=arrays["sum_dy_xhat"])
-    )
-
-
 # --- helpers ------------------------------------------------------------------------------
 
 
@@ -203,18 +170,6 @@ def _vectors(what: str, **tensors: Tensor) -> list[np.ndarray]:
         out.append(t.detach().to("cpu", torch.float64).numpy().astype(_F64, copy=True))
     if len({len(v) for v in out}) != 1:
         raise BNSyncError(f"{what}: vectors of different lengths {[len(v) for v in out]}")
-    return out
-
-
-def _tensors(what: str, **arrays: np.ndarray) -> list[Tensor]:
-    out = []
-    for name, a in arrays.items():
-        a = np.asarray(a)
-        if a.ndim != 1 or not np.issubdtype(a.dtype, np.floating):
-            raise BNSyncError(f"{what} {name} must be a 1-D float array, got {a.dtype} {a.shape}")
-        out.append(torch.from_numpy(a.astype(np.float64)))  # astype copies: owned, writable
-    if len({len(t) for t in out}) != 1:
-        raise BNSyncError(f"{what}: arrays of different lengths {[len(t) for t in out]}")
     return out
 
 
@@ -237,25 +192,3 @@ def _expect_length(data: bytes, expected: int, what: str) -> None:
     if len(data) != expected:
         problem = "truncated" if len(data) < expected else "has trailing bytes"
         raise BNSyncError(f"{what} frame {problem}: {len(data)} bytes, expected {expected}")
-
-
-def _expect_keys(arrays: Mapping[str, np.ndarray], keys: set[str], what: str) -> None:
-    if set(arrays) != keys:
-        raise BNSyncError(f"{what} arrays must be exactly {sorted(keys)}, got {sorted(arrays)}")
-
-
-__all__ = [
-    "REDUCE_METHOD",
-    "SERVICE_NAME",
-    "ErrorReply",
-    "Payload",
-    "ReduceRequest",
-    "decode",
-    "decode_request",
-    "encode",
-    "encode_request",
-    "grad_sums_from_arrays",
-    "grad_sums_to_arrays",
-    "moments_from_arrays",
-    "moments_to_arrays",
-]
