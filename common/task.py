@@ -64,9 +64,9 @@ def client_batches(
     )
 
 
-def union_batches(cfg: RunConfig, num_clients: int, server_round: int) -> list[list[Batch]]:
-    """Every client's batches of ``server_round`` with the config's batch size and E: what the
-    in-process engine and the centralized reference train on."""
+def every_client_batches(cfg: RunConfig, num_clients: int, server_round: int) -> list[list[Batch]]:
+    """Every client's batches of ``server_round`` with the config's batch size and E, one list
+    per client: what the in-process engine trains on."""
     return [
         client_batches(
             cfg,

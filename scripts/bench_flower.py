@@ -143,7 +143,7 @@ def in_process_seconds(cfg: RunConfig) -> float:
     model = task.build_global_model(cfg)
     times = []
     for r in range(1, cfg.num_rounds + 1):
-        batches = task.union_batches(cfg, cfg.num_clients, r)
+        batches = task.every_client_batches(cfg, cfg.num_clients, r)
         started = time.perf_counter()
         model.load_state_dict(
             synced_round(

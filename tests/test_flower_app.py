@@ -44,7 +44,7 @@ def in_process_reference(cfg: RunConfig, num_clients: int) -> dict[str, torch.Te
     """The same rounds through the in-process engine: what the messages must reproduce."""
     model = task.build_global_model(cfg)
     for r in range(1, cfg.num_rounds + 1):
-        batches = task.union_batches(cfg, num_clients, r)
+        batches = task.every_client_batches(cfg, num_clients, r)
         model.load_state_dict(
             synced_round(
                 model,
@@ -102,13 +102,15 @@ def test_results_are_written_every_round(tmp_path):
 # --- faults: a bad or missing reply stops the round, names the client, loses nothing ---------
 
 
-def corrupt_stats(value):
+def corrupt_stats(value, field="mean"):
+    """A client whose forward replies carry ``value(its true field)`` instead."""
+
     def fault(reply: Message) -> Message:
         if reply.metadata.message_type == "query.bn_forward" and not reply.has_error():
-            mean = reply.content.array_records["bn-local"]["mean"].numpy().copy()
             from flwr.app import Array
 
-            reply.content.array_records["bn-local"]["mean"] = Array(value(mean))
+            stats = reply.content.array_records["bn-local"]
+            stats[field] = Array(value(stats[field].numpy().copy()))
         return reply
 
     return fault
@@ -117,18 +119,6 @@ def corrupt_stats(value):
 def nan_stats(mean):
     mean[0] = math.nan
     return mean
-
-
-def corrupt_m2(value):
-    def fault(reply: Message) -> Message:
-        if reply.metadata.message_type == "query.bn_forward" and not reply.has_error():
-            from flwr.app import Array
-
-            m2 = reply.content.array_records["bn-local"]["m2"].numpy().copy()
-            reply.content.array_records["bn-local"]["m2"] = Array(value(m2))
-        return reply
-
-    return fault
 
 
 def fail_with(reason: str):
@@ -160,7 +150,10 @@ FAULTS = {
     ),
     "a zero count": (lambda reply: _retag(reply, "count", 0), "count must be a positive"),
     "integer statistics": (corrupt_stats(lambda m: m.astype("int64")), "dtype torch.int64"),
-    "negative variance": (corrupt_m2(lambda m2: -m2 - 1.0), "negative sum of squared"),
+    "negative variance": (
+        corrupt_stats(lambda m2: -m2 - 1.0, field="m2"),
+        "negative sum of squared",
+    ),
     "a client that raises": (fail_with("out of memory"), "out of memory"),
     "a reply of the wrong type": (retype("query.bn_sideways"), "replied with"),
 }

@@ -87,6 +87,15 @@ def assert_one_exchange_per_round(out: Path, rounds: int, clients: int) -> None:
     ] * rounds, rows
 
 
+def assert_grpc_run_gives_the_engine_model(out: Path, run_config: dict, phases) -> None:
+    """One Flower exchange per round, and the in-process engine's global model."""
+    assert_one_exchange_per_round(out, GRPC["num-rounds"], clients=2)
+    expected = in_process_reference(reference_config(run_config), 2)
+    assert_same_model(out / "model.pt", expected)
+    took = phases.mark("in-process reference + compare")
+    print(f"in-process reference + compare {took:.1f} s; total {phases.elapsed():.1f} s")
+
+
 def test_grpc_transport_in_deployment_matches_in_process_engine(tmp_path):
     deadline, phases = Deadline(TIMEOUT_S), PhaseTimer()
     home, out, log_dir = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
@@ -115,11 +124,7 @@ def test_grpc_transport_in_deployment_matches_in_process_engine(tmp_path):
         phases.mark("teardown")
         print(phases.report("grpc transport in deployment"), *killed, sep="\n")
 
-    assert_one_exchange_per_round(out, GRPC["num-rounds"], clients=2)
-    expected = in_process_reference(reference_config(run_config), 2)
-    assert_same_model(out / "model.pt", expected)
-    took = phases.mark("in-process reference + compare")
-    print(f"in-process reference + compare {took:.1f} s; total {phases.elapsed():.1f} s")
+    assert_grpc_run_gives_the_engine_model(out, run_config, phases)
 
 
 # --- three machines as network namespaces -----------------------------------------------------
@@ -466,8 +471,4 @@ def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
         phases.mark("teardown")
         print(phases.report("multihost (network namespaces)"), *killed, sep="\n")
 
-    assert_one_exchange_per_round(out, GRPC["num-rounds"], clients=2)
-    expected = in_process_reference(reference_config(run_config), 2)
-    assert_same_model(out / "model.pt", expected)
-    took = phases.mark("in-process reference + compare")
-    print(f"in-process reference + compare {took:.1f} s; total {phases.elapsed():.1f} s")
+    assert_grpc_run_gives_the_engine_model(out, run_config, phases)
