@@ -22,14 +22,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import baselines
-from client.bn_sync_client import GrpcBNChannel
-from client.replay import ReplayChannel, capture_local_stats
-from common import task
-from common.bn_channel import BNSyncError, Moments
-from common.bn_records import BACKWARD, FORWARD, UnionStats, local_stats_record
-from common.bn_sync import convert_federated_batchnorm
-from common.config import RunConfig
+from common.experiment import task
+from common.experiment.config import RunConfig
 from common.fedtan import train_client
+from common.fedtan.bn_channel import BNSyncError, Moments
+from common.fedtan.bn_sync import convert_federated_batchnorm
+from common.transports.grpc.client import GrpcBNChannel
+from common.transports.messages.client import ReplayChannel, capture_local_stats
+from common.transports.messages.records import BACKWARD, FORWARD, UnionStats, local_stats_record
 
 app = ClientApp()
 

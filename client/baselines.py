@@ -16,9 +16,9 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from common import task
-from common.config import RunConfig
-from common.methods import METHODS, local_keys, train_local
+from common.experiment import task
+from common.experiment.config import RunConfig
+from common.experiment.methods import METHODS, local_keys, train_local
 
 OWN_KEY = "own-state"  # in context.state: this client's entries that never leave it
 

@@ -29,12 +29,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
-from client.bn_sync_client import GrpcBNChannel  # noqa: E402
-from common.bn_channel import BNChannel, Moments  # noqa: E402
-from common.bn_sync import convert_federated_batchnorm  # noqa: E402
 from common.fedtan import train_client  # noqa: E402
-from common.inprocess_channel import InProcessHub  # noqa: E402
-from server.bn_sync_service import BNSyncService  # noqa: E402
+from common.fedtan.bn_channel import BNChannel, Moments  # noqa: E402
+from common.fedtan.bn_sync import convert_federated_batchnorm  # noqa: E402
+from common.fedtan.inprocess import InProcessHub  # noqa: E402
+from common.transports.grpc.client import GrpcBNChannel  # noqa: E402
+from common.transports.grpc.service import BNSyncService  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

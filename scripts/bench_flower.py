@@ -38,10 +38,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import task  # noqa: E402
-from common.config import RunConfig  # noqa: E402
+from common.experiment import task  # noqa: E402
+from common.experiment.config import RunConfig  # noqa: E402
 from common.fedtan import synced_round  # noqa: E402
-from tests.flower_processes import (  # noqa: E402
+from server.processes import (  # noqa: E402
     Deadline,
     ManagedProcess,
     flower_env,

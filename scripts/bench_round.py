@@ -30,8 +30,8 @@ import time
 import torch
 from torch import nn
 
+from common.experiment.models import build_model
 from common.fedtan import synced_round
-from common.models import build_model
 
 NUM_CLASSES = 10
 

@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.app import app as client_app  # noqa: E402
-from common.config import METHOD_NORMS, RunConfig  # noqa: E402
-from common.methods import check_method_names  # noqa: E402
+from common.experiment.config import METHOD_NORMS, RunConfig  # noqa: E402
+from common.experiment.methods import check_method_names  # noqa: E402
 from server.app import run_fedtan  # noqa: E402
-from tests.flower_harness import LocalGrid  # noqa: E402
+from server.local_run import LocalGrid  # noqa: E402
 
 
 class SequentialGrid(LocalGrid):

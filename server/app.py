@@ -12,12 +12,12 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
-from common import task
-from common.bn_sync import trace_sync_points
-from common.config import RunConfig
-from common.methods import METHODS
+from common.experiment import task
+from common.experiment.config import RunConfig
+from common.experiment.methods import METHODS
+from common.fedtan.bn_sync import trace_sync_points
+from common.transports.grpc.server import GrpcSync
 from server.baselines import baseline_strategy
-from server.grpc_sync import GrpcSync
 from server.results import RunRecorder
 from server.strategy import FedTAN
 

@@ -15,10 +15,10 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
 
-from common import task
-from common.config import RunConfig
+from common.experiment import task
+from common.experiment.config import RunConfig
+from common.experiment.methods import METHODS, centralized_round, local_keys
 from common.fedtan import Batch
-from common.methods import METHODS, centralized_round, local_keys
 from server.strategy import RoundStrategy
 
 BatchesFn = Callable[[int, int, int], Sequence[Sequence[Batch]]]

@@ -27,7 +27,7 @@ import torch
 from flwr.common import log
 from flwr.serverapp.strategy import Result
 
-from common.config import RunConfig
+from common.experiment.config import RunConfig
 
 COLUMNS = (
     "round",

@@ -22,10 +22,10 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from common.aggregation import average_states, weighted_mean
-from server.exchange import MODEL_KEY, RoundFailure, Traffic, exchange
-from server.grpc_sync import GrpcSync
-from server.message_sync import sync_over_messages
+from common.fedtan.aggregation import average_states, weighted_mean
+from common.transports.exchange import MODEL_KEY, RoundFailure, Traffic, exchange
+from common.transports.grpc.server import GrpcSync
+from common.transports.messages.server import sync_over_messages
 
 RoundCallback = Callable[[int, Result, dict[str, float]], None]
 

@@ -1,6 +1,6 @@
 """A channel that records the exchanges of the channel it wraps: which layers synced, in order."""
 
-from common.bn_channel import BNChannel, GradSums, Moments
+from common.fedtan.bn_channel import BNChannel, GradSums, Moments
 
 
 class RecordingChannel(BNChannel):

@@ -14,12 +14,12 @@ from torch import nn
 
 from client.app import app as client_app
 from client.baselines import OWN_KEY
-from common import task
-from common.aggregation import average_states
-from common.config import CHOICES, RunConfig
-from common.methods import BN_STATS, METHODS, local_keys, train_local
+from common.experiment import task
+from common.experiment.config import CHOICES, RunConfig
+from common.experiment.methods import BN_STATS, METHODS, local_keys, train_local
+from common.fedtan.aggregation import average_states
 from server.app import run_fedtan
-from tests.flower_harness import LocalGrid
+from server.local_run import LocalGrid
 
 K = 3
 BASE = {

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from common.bn_channel import (
+from common.fedtan.bn_channel import (
     BNSyncError,
     GradSums,
     Moments,
@@ -22,7 +22,7 @@ from common.bn_channel import (
     combine_moments,
     share_of_union,
 )
-from common.inprocess_channel import InProcessHub
+from common.fedtan.inprocess import InProcessHub
 
 LAYER = "layer1.0.bn2"
 

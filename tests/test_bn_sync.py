@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.bn_channel import BNChannel, GradSums, Moments
-from common.bn_sync import (
+from common.fedtan.bn_channel import BNChannel, GradSums, Moments
+from common.fedtan.bn_sync import (
     FederatedBatchNorm1d,
     FederatedBatchNorm2d,
     FederatedBatchNorm3d,
@@ -30,7 +30,7 @@ from common.bn_sync import (
     revert_federated_batchnorm,
     synchronized,
 )
-from common.inprocess_channel import InProcessHub
+from common.fedtan.inprocess import InProcessHub
 from tests.recording_channel import RecordingChannel
 
 # name: (torch class, federated class, input shape (B, C, ...))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
+from common.experiment.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]

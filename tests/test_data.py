@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from common.data import (
+from common.experiment.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DatasetUnavailableError,

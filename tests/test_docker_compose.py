@@ -433,7 +433,7 @@ def _mounts(service: dict) -> dict[str, tuple[str, str]]:
 @needs_compose
 @pytest.mark.parametrize("name", ["grpc", "tls+grpc"])
 def test_grpc_override_binds_and_advertises_the_serverapps_container(name: str) -> None:
-    from common.config import RunConfig
+    from common.experiment.config import RunConfig
 
     services = resolved(name)["services"]
     cfg = _run_config_var(services["submit"], "FEDTAN_GRPC_RUN_CONFIG")
@@ -481,7 +481,7 @@ def test_tls_mounts_the_bn_sync_certificate_where_the_run_config_says(name: str)
 @needs_compose
 @pytest.mark.parametrize("name", list(OVERRIDES))
 def test_submitted_run_config_is_valid(name: str) -> None:
-    from common.config import RunConfig
+    from common.experiment.config import RunConfig
 
     run = RunConfig.from_flower(_submitted_run_config(resolved(name)["services"]))
     assert run.transport == ("grpc" if "grpc" in name else "messages")

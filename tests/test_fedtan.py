@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.bn_channel import BNSyncError
-from common.bn_sync import convert_federated_batchnorm, federated_batchnorm_layers
+from common.experiment.models import build_model
 from common.fedtan import synced_round, train_client
-from common.inprocess_channel import InProcessHub
-from common.models import build_model
+from common.fedtan.bn_channel import BNSyncError
+from common.fedtan.bn_sync import convert_federated_batchnorm, federated_batchnorm_layers
+from common.fedtan.inprocess import InProcessHub
 from tests.recording_channel import RecordingChannel
 
 NUM_CLASSES = 10

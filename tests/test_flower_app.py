@@ -14,11 +14,11 @@ import torch
 from flwr.app import Message
 
 from client.app import app as client_app
-from common import task
-from common.config import RunConfig
+from common.experiment import task
+from common.experiment.config import RunConfig
 from common.fedtan import synced_round
 from server.app import run_fedtan
-from tests.flower_harness import LocalGrid
+from server.local_run import LocalGrid
 
 BASE = {
     "dataset": "digits",
@@ -273,7 +273,7 @@ def test_the_grpc_transport_uses_tls_when_configured(tmp_path):
 def test_a_client_killed_mid_round_over_grpc_is_named_and_the_round_retried(
     tmp_path, caplog, monkeypatch
 ):
-    from client.bn_sync_client import GrpcBNChannel
+    from common.transports.grpc.client import GrpcBNChannel
 
     real = GrpcBNChannel.reduce_grad_sums
 

@@ -32,8 +32,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from common.config import RunConfig
-from tests.flower_processes import (
+from common.experiment.config import RunConfig
+from server.processes import (
     Deadline,
     ManagedProcess,
     adopt_process,

@@ -16,11 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from client.bn_sync_client import GrpcBNChannel
-from common.aggregation import average_states
-from common.bn_channel import BNChannel, BNSyncError, GradSums, Moments, combine_moments
-from common.bn_sync import convert_federated_batchnorm
-from common.bn_wire import (
+from common.fedtan import synced_round, train_client
+from common.fedtan.aggregation import average_states
+from common.fedtan.bn_channel import BNChannel, BNSyncError, GradSums, Moments, combine_moments
+from common.fedtan.bn_sync import convert_federated_batchnorm
+from common.transports.grpc.client import GrpcBNChannel
+from common.transports.grpc.service import BNSyncService
+from common.transports.grpc.wire import (
     REDUCE_METHOD,
     ErrorReply,
     ReduceRequest,
@@ -29,8 +31,6 @@ from common.bn_wire import (
     encode,
     encode_request,
 )
-from common.fedtan import synced_round, train_client
-from server.bn_sync_service import BNSyncService
 from tests.certs import make_certs
 
 CLIENTS = ["c0", "c1", "c2"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.models import MODEL_NAMES, CifarResNet, ShortcutA, build_model
+from common.experiment.models import MODEL_NAMES, CifarResNet, ShortcutA, build_model
 
 
 def count(model: nn.Module, kind: type[nn.Module]) -> int:

@@ -32,9 +32,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.bn_wire import REDUCE_METHOD
-from tests.certs import make_certs
-from tests.flower_processes import (
+from common.transports.grpc.wire import REDUCE_METHOD
+from server.processes import (
     LOOPBACK,
     Deadline,
     ManagedProcess,
@@ -51,6 +50,7 @@ from tests.flower_processes import (
     write_flower_config,
     write_run_config,
 )
+from tests.certs import make_certs
 from tests.test_flower_app import in_process_reference
 from tests.test_flower_runtime import (
     APP_DIR,

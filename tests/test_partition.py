@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.data import load_digits
-from common.partition import SCHEMES, partition
+from common.experiment.data import load_digits
+from common.experiment.partition import SCHEMES, partition
 
 
 @pytest.fixture(scope="module")

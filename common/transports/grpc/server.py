@@ -14,9 +14,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.config import RunConfig
-from server.bn_sync_service import BNSyncService
-from server.exchange import MODEL_KEY, RoundFailure, exchange
+from common.experiment.config import RunConfig
+from common.transports.exchange import MODEL_KEY, RoundFailure, exchange
+from common.transports.grpc.service import BNSyncService
 
 PREFLIGHT_ROUND = 0  # rounds are numbered from 1
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.bn_channel import BNSyncError, GradSums, Moments
+from common.fedtan.bn_channel import BNSyncError, GradSums, Moments
 
 _MAGIC = b"BNW1"
 _KIND_MOMENTS, _KIND_GRAD_SUMS, _KIND_ERROR = 1, 2, 3

@@ -20,8 +20,8 @@ from types import TracebackType
 import grpc
 from torch import Tensor
 
-from common.bn_channel import BNChannel, BNSyncError, GradSums, Moments
-from common.bn_wire import (
+from common.fedtan.bn_channel import BNChannel, BNSyncError, GradSums, Moments
+from common.transports.grpc.wire import (
     REDUCE_METHOD,
     ErrorReply,
     ReduceRequest,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common.bn_channel import BNSyncError, GradSums, Moments
+from common.fedtan.bn_channel import BNSyncError, GradSums, Moments
 
 FORWARD, BACKWARD = "forward", "backward"
 _FIELDS = {FORWARD: ("mean", "m2"), BACKWARD: ("sum_dy", "sum_dy_xhat")}

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import RunConfig
-from common.data import TensorDataset, eval_batches, load_dataset, round_batches
+from common.experiment.config import RunConfig
+from common.experiment.data import TensorDataset, eval_batches, load_dataset, round_batches
+from common.experiment.models import build_model
+from common.experiment.partition import partition
 from common.fedtan import Batch
-from common.models import build_model
-from common.partition import partition
 
 loss_fn = nn.CrossEntropyLoss()  # mean over the batch, as FedTAN's exactness requires
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from common.bn_channel import BNChannel, BNSyncError, GradSums, Moments
-from common.bn_records import BACKWARD, FORWARD, UnionStats
-from common.bn_sync import synchronized
 from common.fedtan import Batch, LossFn
+from common.fedtan.bn_channel import BNChannel, BNSyncError, GradSums, Moments
+from common.fedtan.bn_sync import synchronized
+from common.transports.messages.records import BACKWARD, FORWARD, UnionStats
 
 
 @dataclass

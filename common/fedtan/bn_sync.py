@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from common.bn_channel import BNChannel, GradSums, Moments, share_of_union
+from common.fedtan.bn_channel import BNChannel, GradSums, Moments, share_of_union
 
 
 class _SyncedBatchNormFunction(torch.autograd.Function):

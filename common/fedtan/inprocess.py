@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Hashable, Mapping
 from typing import TypeVar
 
-from common.bn_channel import (
+from common.fedtan.bn_channel import (
     BNChannel,
     BNSyncError,
     GradSums,

@@ -12,15 +12,15 @@ from collections.abc import Sequence
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.bn_channel import (
+from common.fedtan.bn_channel import (
     BNSyncError,
     check_grad_sums,
     check_moments,
     combine_grad_sums,
     combine_moments,
 )
-from common.bn_records import BACKWARD, FORWARD, UnionStats, parse_local_stats
-from server.exchange import MODEL_KEY, RoundFailure, Traffic, exchange
+from common.transports.exchange import MODEL_KEY, RoundFailure, Traffic, exchange
+from common.transports.messages.records import BACKWARD, FORWARD, UnionStats, parse_local_stats
 
 _COMBINE = {
     FORWARD: (check_moments, combine_moments),

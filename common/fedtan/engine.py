@@ -19,10 +19,10 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from common.aggregation import average_states
-from common.bn_channel import BNChannel, BNSyncError
-from common.bn_sync import convert_federated_batchnorm, has_batchnorm, synchronized
-from common.inprocess_channel import InProcessHub
+from common.fedtan.aggregation import average_states
+from common.fedtan.bn_channel import BNChannel, BNSyncError
+from common.fedtan.bn_sync import convert_federated_batchnorm, has_batchnorm, synchronized
+from common.fedtan.inprocess import InProcessHub
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]

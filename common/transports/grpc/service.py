@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 from torch import Tensor
 
-from common.bn_channel import (
+from common.fedtan.bn_channel import (
     BNSyncError,
     GradSums,
     Moments,
@@ -43,7 +43,7 @@ from common.bn_channel import (
     combine_grad_sums,
     combine_moments,
 )
-from common.bn_wire import (
+from common.transports.grpc.wire import (
     SERVICE_NAME,
     ErrorReply,
     ReduceRequest,
