@@ -19,20 +19,30 @@ from torch import nn
 from common.experiment import task
 from common.experiment.config import RunConfig
 from common.experiment.methods import METHODS, local_keys, train_local
-
-OWN_KEY = "own-state"  # in context.state: this client's entries that never leave it
+from common.protocol import (
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    MODEL_RECORD,
+    NUM_EXAMPLES,
+    OWN_STATE,
+    PARTITION_ID,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+    TrainSettings,
+)
 
 
 def train(msg: Message, context: Context, partition: tuple[int, int]) -> Message:
-    config = msg.content.config_records["config"]
+    config = msg.content.config_records[CONFIG_RECORD]
+    settings = TrainSettings.from_config(config)
     cfg = RunConfig.from_flower(context.run_config)
     model, own = _own_model(msg, context, cfg)
     batches = task.client_batches(
         cfg,
         *partition,
-        int(config["round"]),
-        batch_size=int(config["batch-size"]),
-        local_steps=int(config["local-steps"]),
+        int(config[SERVER_ROUND]),
+        batch_size=settings.batch_size,
+        local_steps=settings.local_steps,
     )
     device = next(model.parameters()).device
     batches = [(x.to(device), y.to(device)) for x, y in batches]
@@ -40,21 +50,21 @@ def train(msg: Message, context: Context, partition: tuple[int, int]) -> Message
         model,
         batches,
         task.loss_fn,
-        lr=float(config["lr"]),
-        momentum=float(config["momentum"]),
-        weight_decay=float(config["weight-decay"]),
-        freeze_bn_stats=bool(config.get("freeze-bn-stats", False)),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        freeze_bn_stats=settings.freeze_bn_stats,
     )
     state = model.cpu().state_dict()
     if own:
-        context.state[OWN_KEY] = ArrayRecord({k: state[k] for k in own})
+        context.state[OWN_STATE] = ArrayRecord({k: state[k] for k in own})
     metrics = {
-        "num-examples": sum(len(targets) for _, targets in batches),
-        "train-loss": losses[0],  # the first step's: the round's model on this client's batch
-        "partition-id": partition[0],
+        NUM_EXAMPLES: sum(len(targets) for _, targets in batches),
+        TRAIN_LOSS: losses[0],  # the first step's: the round's model on this client's batch
+        PARTITION_ID: partition[0],
     }
     shared = {k: v for k, v in state.items() if k not in own}
-    content = RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(metrics)})
+    content = RecordDict({MODEL_RECORD: ArrayRecord(shared), METRICS_RECORD: MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 
@@ -62,22 +72,22 @@ def evaluate(msg: Message, context: Context, partition: tuple[int, int]) -> Mess
     cfg = RunConfig.from_flower(context.run_config)
     model, _ = _own_model(msg, context, cfg)
     metrics = task.evaluate(model, cfg)
-    metrics["partition-id"] = partition[0]
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    metrics[PARTITION_ID] = partition[0]
+    return Message(RecordDict({METRICS_RECORD: MetricRecord(metrics)}), reply_to=msg)
 
 
 def _own_model(msg: Message, context: Context, cfg: RunConfig) -> tuple[nn.Module, frozenset]:
     """The global entries of the message over this client's own; and the own entries' keys."""
     model = task.build_global_model(cfg)
     own = local_keys(model, METHODS[cfg.method])
-    received = msg.content.array_records["arrays"].to_torch_state_dict()
+    received = msg.content.array_records[MODEL_RECORD].to_torch_state_dict()
     if overlap := sorted(own & set(received)):
         raise ValueError(f"the server sent entries that are this client's own: {overlap}")
     state = model.state_dict()
     if missing := sorted(set(state) - own - set(received)):
         raise ValueError(f"the server's model lacks entries: {missing}")
-    if OWN_KEY in context.state.array_records:
-        state.update(context.state.array_records[OWN_KEY].to_torch_state_dict())
+    if OWN_STATE in context.state.array_records:
+        state.update(context.state.array_records[OWN_STATE].to_torch_state_dict())
     state.update(received)
     model.load_state_dict(state)
     return model.to(task.pick_device()), own

@@ -1,6 +1,7 @@
 """The ServerApp: config -> model and strategy -> rounds -> results in the output folder.
 
-Run config ``method`` picks FedTAN or one of its baselines (``common/methods.py``).
+Run config ``method`` picks FedTAN or one of its baselines (``common/experiment/methods.py``),
+``transport`` how FedTAN's BN statistics travel (``common/transports/``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from common.experiment import task
 from common.experiment.config import RunConfig
 from common.experiment.methods import METHODS
 from common.fedtan.bn_sync import trace_sync_points
-from common.transports.grpc.server import GrpcSync
+from common.protocol import TrainSettings
+from common.transports.base import Transport
+from common.transports.grpc.server import GrpcTransport
+from common.transports.messages.server import MessagesTransport, SyncPoints
 from server.baselines import baseline_strategy
 from server.results import RunRecorder
-from server.strategy import FedTAN
+from server.strategy import FedTAN, RoundStrategy
 
 app = ServerApp()
 
@@ -39,52 +43,61 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
         "num_clients": cfg.num_clients,
         "clients_per_round": cfg.clients_per_round,
         "seed": cfg.seed,
-        "reply_timeout": cfg.reply_timeout,
         "on_failure": cfg.on_failure,
         "max_retries": cfg.max_retries,
         "lr_schedule": cfg.lr_at,
         "on_round": recorder,
+        "evaluate_on_clients": METHODS[cfg.method].evaluate_on_clients,
+        "eval_interval": cfg.eval_interval,
     }
-    grpc_sync = None
+    transport = None
     if cfg.method == "fedtan":
         inputs, targets = task.example_batch(cfg)
         sync_points = trace_sync_points(model, inputs, targets, task.loss_fn)
-        grpc_sync = GrpcSync(cfg, max_clients=cfg.num_clients) if cfg.transport == "grpc" else None
-        strategy = FedTAN(sync_points=sync_points, grpc_sync=grpc_sync, **loop)
+        transport = make_transport(cfg, sync_points)
+        strategy: RoundStrategy = FedTAN(sync_points=sync_points, transport=transport, **loop)
     else:
         strategy = baseline_strategy(cfg, model, **loop)
-    train_config = ConfigRecord(
-        {
-            "batch-size": cfg.batch_size,
-            "local-steps": cfg.local_steps,
-            "lr": cfg.lr,
-            "momentum": cfg.momentum,
-            "weight-decay": cfg.weight_decay,
-        }
+    settings = TrainSettings(
+        batch_size=cfg.batch_size,
+        local_steps=cfg.local_steps,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
     )
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round % cfg.eval_interval and server_round != cfg.num_rounds:
             return None
-        if METHODS[cfg.method].evaluate_on_clients:  # no global model: each client its own BN
-            return strategy.evaluate_on_clients(grid, server_round, arrays)
         model.load_state_dict(arrays.to_torch_state_dict())
         return MetricRecord(task.evaluate(model, cfg))
 
     try:
-        if grpc_sync is not None:
-            grpc_sync.preflight(grid, strategy.sample_nodes(grid, 1), cfg.reply_timeout)
+        if transport is not None:
+            nodes = strategy.sample_nodes(grid, 1, timeout=cfg.reply_timeout)
+            transport.check(grid, nodes, cfg.reply_timeout)
         result = strategy.start(
             grid,
             ArrayRecord(model.state_dict()),
             num_rounds=cfg.num_rounds,
-            train_config=train_config,
-            evaluate_fn=evaluate,
+            timeout=cfg.reply_timeout,
+            train_config=ConfigRecord(settings.to_config()),
+            # no single global model: the clients evaluate (configure_evaluate)
+            evaluate_fn=None if strategy.evaluate_on_clients else evaluate,
         )
     finally:
-        if grpc_sync is not None:
-            grpc_sync.stop()
+        if transport is not None:
+            transport.close()
     done = len(result.train_metrics_clientapp)
     recorder.finish("completed" if done == cfg.num_rounds else "stopped", done)
     log(INFO, "Results in %s (%d of %d rounds)", cfg.output_path.resolve(), done, cfg.num_rounds)
     return result
+
+
+def make_transport(cfg: RunConfig, sync_points: SyncPoints) -> Transport:
+    """The transport run config ``transport`` names (its choices: ``common.transports.NAMES``)."""
+    if cfg.transport == "grpc":
+        return GrpcTransport(cfg, max_clients=cfg.num_clients, max_retries=cfg.max_retries)
+    if cfg.transport == "messages":
+        return MessagesTransport(sync_points)
+    raise ValueError(f"run config 'transport': no transport named {cfg.transport!r}")

@@ -19,6 +19,9 @@ from common.experiment import task
 from common.experiment.config import RunConfig
 from common.experiment.methods import METHODS, centralized_round, local_keys
 from common.fedtan import Batch
+from common.protocol import FREEZE_BN_STATS, NUM_EXAMPLES, TRAIN_LOSS, TrainSettings
+from common.transports.base import RoundPlan
+from common.transports.exchange import Traffic
 from server.strategy import RoundStrategy
 
 BatchesFn = Callable[[int, int, int], Sequence[Sequence[Batch]]]
@@ -37,7 +40,7 @@ class FixBN(RoundStrategy):
 
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         config = super().round_config(server_round, config)
-        config["freeze-bn-stats"] = server_round > self.switch_round
+        config[FREEZE_BN_STATS] = server_round > self.switch_round
         return config
 
 
@@ -54,30 +57,54 @@ class Centralized(RoundStrategy):
     def describe(self) -> str:
         return "Centralized: SGD on the union of all partitions' round batches, on the server"
 
+    def plan_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        attempt: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        *,
+        timeout: float,
+        traffic: Traffic | None = None,
+    ) -> RoundPlan:
+        """No clients are sampled: the server trains on every partition's batches."""
+        return RoundPlan(
+            server_round=server_round,
+            attempt=attempt,
+            nodes=(),
+            arrays=arrays,
+            config=self.round_config(server_round, config),
+            message_type=self.message_type,
+            group_id=f"{self.name}-round-{server_round}",
+            timeout=timeout,
+            traffic=traffic,
+        )
+
     def run_round(
-        self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, attempt: int
+        self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord
     ) -> tuple[ArrayRecord, MetricRecord]:
-        config = self.round_config(server_round, config)
+        settings = TrainSettings.from_config(plan.config)
         device = task.pick_device()
         self.model.load_state_dict(arrays.to_torch_state_dict())
         self.model.to(device)
         client_batches = [
             [(x.to(device), y.to(device)) for x, y in batches]
             for batches in self.batches(
-                server_round, int(config["batch-size"]), int(config["local-steps"])
+                plan.server_round, settings.batch_size, settings.local_steps
             )
         ]
         losses = centralized_round(
             self.model,
             client_batches,
             task.loss_fn,
-            lr=float(config["lr"]),
-            momentum=float(config["momentum"]),
-            weight_decay=float(config["weight-decay"]),
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
         )
         metrics = {
-            "train-loss": losses[0],
-            "num-examples": sum(len(y) for batches in client_batches for _, y in batches),
+            TRAIN_LOSS: losses[0],
+            NUM_EXAMPLES: sum(len(y) for batches in client_batches for _, y in batches),
             "clients": len(client_batches),
         }
         state = {k: v.cpu() for k, v in self.model.state_dict().items()}

@@ -63,6 +63,7 @@ class RunRecorder:
         row: dict[str, float] = {"round": server_round}
         row.update(result.train_metrics_clientapp.get(server_round, {}))
         row.update(result.evaluate_metrics_serverapp.get(server_round, {}))
+        row.update(result.evaluate_metrics_clientapp.get(server_round, {}))
         row.update(cost)
         self.rows.append(row)
         self._write_metrics()

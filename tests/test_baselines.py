@@ -13,11 +13,19 @@ from flwr.app import Array, Message
 from torch import nn
 
 from client.app import app as client_app
-from client.baselines import OWN_KEY
 from common.experiment import task
 from common.experiment.config import CHOICES, RunConfig
 from common.experiment.methods import BN_STATS, METHODS, local_keys, train_local
 from common.fedtan.aggregation import average_states
+from common.protocol import (
+    CONFIG_RECORD,
+    EVALUATE_LOCAL,
+    FREEZE_BN_STATS,
+    MODEL_RECORD,
+    OWN_STATE,
+    SERVER_ROUND,
+    TRAIN_LOCAL,
+)
 from server.app import run_fedtan
 from server.local_run import LocalGrid
 
@@ -92,7 +100,7 @@ def sent_and_replied(grid: LocalGrid, replies: list[Message], message_type: str)
 
 
 def own_state(grid: LocalGrid, k: int) -> dict[str, torch.Tensor]:
-    return grid.contexts[1000 + k].state.array_records[OWN_KEY].to_torch_state_dict()
+    return grid.contexts[1000 + k].state.array_records[OWN_STATE].to_torch_state_dict()
 
 
 def recording(replies: list[Message]):
@@ -123,16 +131,16 @@ def test_messages_give_the_method_computed_from_its_definition(tmp_path, method)
         if own[k]:
             assert_close(own_state(grid, k), own[k])
         else:
-            assert OWN_KEY not in grid.contexts[1000 + k].state.array_records
+            assert OWN_STATE not in grid.contexts[1000 + k].state.array_records
 
 
 def test_fedbn_never_sends_bn_layers_and_never_overwrites_them(tmp_path):
     replies: list[Message] = []
     result, grid = run(tmp_path, "fedbn", faults=recording(replies))
-    down, up = sent_and_replied(grid, replies, "train.local")
+    down, up = sent_and_replied(grid, replies, TRAIN_LOCAL)
     assert len(down) == len(up) == K * 2
     for msg in down + up:
-        keys = set(msg.content.array_records["arrays"])
+        keys = set(msg.content.array_records[MODEL_RECORD])
         assert not any(is_bn_key(k) for k in keys), sorted(keys)
         assert any(k.startswith("conv1") for k in keys)
     # The clients' BN layers (affine and statistics) differ: each kept its own.
@@ -144,8 +152,8 @@ def test_fedbn_never_sends_bn_layers_and_never_overwrites_them(tmp_path):
 
 def test_a_client_is_refused_bn_entries_and_a_reply_with_them_is_named(tmp_path, caplog):
     def leaks_its_bn(reply: Message) -> Message:
-        if reply.metadata.message_type == "train.local" and not reply.has_error():
-            reply.content.array_records["arrays"]["bn1.weight"] = Array(torch.ones(16).numpy())
+        if reply.metadata.message_type == TRAIN_LOCAL and not reply.has_error():
+            reply.content.array_records[MODEL_RECORD]["bn1.weight"] = Array(torch.ones(16).numpy())
         return reply
 
     result, grid = run(tmp_path, "fedbn", faults={1001: leaks_its_bn})
@@ -153,8 +161,8 @@ def test_a_client_is_refused_bn_entries_and_a_reply_with_them_is_named(tmp_path,
     assert any("1001" in f and "bn1.weight" in f for f in failures), failures
     assert all(m["clients"] == 2 for m in result.train_metrics_clientapp.values())
     # ... and a client refuses a model that would overwrite its own BN layers.
-    msg = next(m for m in grid.sent if m.metadata.message_type == "train.local")
-    msg.content.array_records["arrays"]["bn1.weight"] = Array(torch.ones(16).numpy())
+    msg = next(m for m in grid.sent if m.metadata.message_type == TRAIN_LOCAL)
+    msg.content.array_records[MODEL_RECORD]["bn1.weight"] = Array(torch.ones(16).numpy())
     with pytest.raises(ValueError, match="this client's own.*bn1.weight"):
         client_app(msg, grid.contexts[msg.metadata.dst_node_id])
 
@@ -162,9 +170,9 @@ def test_a_client_is_refused_bn_entries_and_a_reply_with_them_is_named(tmp_path,
 def test_silobn_shares_the_bn_affine_parameters_but_not_the_statistics(tmp_path):
     replies: list[Message] = []
     _, grid = run(tmp_path, "silobn", faults=recording(replies))
-    down, up = sent_and_replied(grid, replies, "train.local")
+    down, up = sent_and_replied(grid, replies, TRAIN_LOCAL)
     for msg in down + up:
-        keys = set(msg.content.array_records["arrays"])
+        keys = set(msg.content.array_records[MODEL_RECORD])
         assert {"bn1.weight", "bn1.bias", "bn3.weight", "bn3.bias"} <= keys
         assert not any(k.endswith(BN_STATS) for k in keys), sorted(keys)
     own = [own_state(grid, k) for k in range(K)]
@@ -182,23 +190,25 @@ def test_without_one_global_model_each_client_evaluates_its_own(tmp_path, method
         model = task.build_global_model(cfg)
         model.load_state_dict({**global_state, **own[k]})
         accuracies.append(task.evaluate(model, cfg)["test-accuracy"])
-    metrics = result.evaluate_metrics_serverapp[2]
+    metrics = result.evaluate_metrics_clientapp[2]
     assert metrics["test-accuracy"] == pytest.approx(sum(accuracies) / K, abs=1e-9)
     assert metrics["test-accuracy-min"] == pytest.approx(min(accuracies), abs=1e-9)
     assert metrics["eval-clients"] == K
-    evaluations = [m for m in grid.sent if m.metadata.message_type == "evaluate.local"]
+    evaluations = [m for m in grid.sent if m.metadata.message_type == EVALUATE_LOCAL]
     assert len(evaluations) == K * 3  # rounds 0, 1, 2
     for msg in evaluations:
-        assert not set(msg.content.array_records["arrays"]) & set(own[0])
+        assert not set(msg.content.array_records[MODEL_RECORD]) & set(own[0])
 
 
 def test_fixbn_statistics_stop_changing_after_the_switch_round(tmp_path):
     result, grid = run(tmp_path, "fixbn", **{"num-rounds": 4, "fixbn-switch-round": 2})
-    train = [m for m in grid.sent if m.metadata.message_type == "train.local"]
+    train = [m for m in grid.sent if m.metadata.message_type == TRAIN_LOCAL]
     first = _by_round(train)  # round -> its first message, with the model it starts from
-    frozen = {r: m.content.config_records["config"]["freeze-bn-stats"] for r, m in first.items()}
+    frozen = {r: m.content.config_records[CONFIG_RECORD][FREEZE_BN_STATS] for r, m in first.items()}
     assert frozen == {1: False, 2: False, 3: True, 4: True}
-    states = [first[r].content.array_records["arrays"].to_torch_state_dict() for r in (1, 2, 3, 4)]
+    states = [
+        first[r].content.array_records[MODEL_RECORD].to_torch_state_dict() for r in (1, 2, 3, 4)
+    ]
     states.append(result.arrays.to_torch_state_dict())  # after round r: states[r]
     stats = [k for k in states[0] if k.endswith(BN_STATS)]
     assert not torch.equal(states[1]["bn1.running_mean"], states[2]["bn1.running_mean"])
@@ -211,7 +221,7 @@ def test_fixbn_statistics_stop_changing_after_the_switch_round(tmp_path):
 def _by_round(messages):
     seen = {}
     for m in messages:
-        seen.setdefault(int(m.content.config_records["config"]["round"]), m)
+        seen.setdefault(int(m.content.config_records[CONFIG_RECORD][SERVER_ROUND]), m)
     return seen
 
 

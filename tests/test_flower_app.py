@@ -17,6 +17,17 @@ from client.app import app as client_app
 from common.experiment import task
 from common.experiment.config import RunConfig
 from common.fedtan import synced_round
+from common.protocol import (
+    CONFIG_RECORD,
+    LOCAL_STATS_META_RECORD,
+    LOCAL_STATS_RECORD,
+    MODEL_RECORD,
+    QUERY_BN_BACKWARD,
+    QUERY_BN_FORWARD,
+    SERVER_ROUND,
+    SYNC_LAYER,
+    TRAIN_FEDTAN,
+)
 from server.app import run_fedtan
 from server.local_run import LocalGrid
 
@@ -78,13 +89,13 @@ def test_a_round_costs_2L_sync_exchanges_plus_the_train_message(tmp_path):
     _, grid = run(tmp_path, **{"num-rounds": 1})
     num_bn_layers = 3  # small_cnn: two BatchNorm2d and one BatchNorm1d
     types = [m.metadata.message_type for m in grid.sent]
-    assert types.count("query.bn_forward") == 3 * num_bn_layers
-    assert types.count("query.bn_backward") == 3 * num_bn_layers
-    assert types.count("train.fedtan") == 3
+    assert types.count(QUERY_BN_FORWARD) == 3 * num_bn_layers
+    assert types.count(QUERY_BN_BACKWARD) == 3 * num_bn_layers
+    assert types.count(TRAIN_FEDTAN) == 3
     # The model travels once per client and round: with the first query only.
-    with_model = [m for m in grid.sent if "arrays" in m.content.array_records]
+    with_model = [m for m in grid.sent if MODEL_RECORD in m.content.array_records]
     assert len(with_model) == 3
-    assert all(m.metadata.message_type == "query.bn_forward" for m in with_model)
+    assert all(m.metadata.message_type == QUERY_BN_FORWARD for m in with_model)
 
 
 def test_results_are_written_every_round(tmp_path):
@@ -106,10 +117,10 @@ def corrupt_stats(value, field="mean"):
     """A client whose forward replies carry ``value(its true field)`` instead."""
 
     def fault(reply: Message) -> Message:
-        if reply.metadata.message_type == "query.bn_forward" and not reply.has_error():
+        if reply.metadata.message_type == QUERY_BN_FORWARD and not reply.has_error():
             from flwr.app import Array
 
-            stats = reply.content.array_records["bn-local"]
+            stats = reply.content.array_records[LOCAL_STATS_RECORD]
             stats[field] = Array(value(stats[field].numpy().copy()))
         return reply
 
@@ -141,11 +152,11 @@ FAULTS = {
     "wrongly shaped statistics": (corrupt_stats(lambda m: m[:-1]), "one shape"),
     "a client that vanishes": (lambda reply: None, "no reply"),
     "a stale reply": (
-        lambda reply: _retag(reply, "round", 99) if not reply.has_error() else reply,
+        lambda reply: _retag(reply, SERVER_ROUND, 99) if not reply.has_error() else reply,
         "stale",
     ),
     "an answer for another layer": (
-        lambda reply: _retag(reply, "layer", "fc") if not reply.has_error() else reply,
+        lambda reply: _retag(reply, SYNC_LAYER, "fc") if not reply.has_error() else reply,
         "out-of-step",
     ),
     "a zero count": (lambda reply: _retag(reply, "count", 0), "count must be a positive"),
@@ -160,8 +171,8 @@ FAULTS = {
 
 
 def _retag(reply: Message, key: str, value) -> Message:
-    if "bn-local-meta" in reply.content.config_records:
-        reply.content.config_records["bn-local-meta"][key] = value
+    if LOCAL_STATS_META_RECORD in reply.content.config_records:
+        reply.content.config_records[LOCAL_STATS_META_RECORD][key] = value
     return reply
 
 
@@ -196,7 +207,7 @@ def vanish_at_train_reply(n: int):
     seen = []
 
     def fault(reply: Message) -> Message | None:
-        if reply.metadata.message_type == "train.fedtan":
+        if reply.metadata.message_type == TRAIN_FEDTAN:
             seen.append(reply)
             if len(seen) == n:
                 return None
@@ -207,8 +218,8 @@ def vanish_at_train_reply(n: int):
 
 def test_a_client_without_the_rounds_model_refuses_a_stale_query(tmp_path):
     _, grid = run(tmp_path, **{"num-rounds": 1})
-    later_query = next(m for m in grid.sent if m.metadata.message_type == "query.bn_backward")
-    later_query.content.config_records["config"]["round"] = 7
+    later_query = next(m for m in grid.sent if m.metadata.message_type == QUERY_BN_BACKWARD)
+    later_query.content.config_records[CONFIG_RECORD][SERVER_ROUND] = 7
     with pytest.raises(Exception, match="no global model for round 7"):
         client_app(later_query, grid.contexts[later_query.metadata.dst_node_id])
 
@@ -247,7 +258,7 @@ def test_the_grpc_transport_gives_the_in_process_engine_model(tmp_path):
     # One Flower message per client and round (after one check before round 1); nothing of
     # the BN sync crosses Flower.
     assert [m.metadata.message_type for m in grid.sent] == ["query.bn_sync_preflight"] * 3 + [
-        "train.fedtan"
+        TRAIN_FEDTAN
     ] * 3 * 2
 
 
@@ -266,7 +277,7 @@ def test_the_grpc_transport_uses_tls_when_configured(tmp_path):
     result, grid = run(tmp_path, **overrides)
     cfg = RunConfig.from_flower({**BASE, **overrides})
     assert_states_equal(result.arrays.to_torch_state_dict(), in_process_reference(cfg, 3))
-    sent_root = grid.sent[0].content.config_records["config"]["bn-sync-root-certificates"]
+    sent_root = grid.sent[0].content.config_records[CONFIG_RECORD]["bn-sync-root-certificates"]
     assert "BEGIN CERTIFICATE" in sent_root
 
 
@@ -291,6 +302,36 @@ def test_a_client_killed_mid_round_over_grpc_is_named_and_the_round_retried(
     assert all(m["clients"] == 2 for m in result.train_metrics_clientapp.values())
 
 
+def test_a_client_sending_a_bad_payload_over_grpc_is_left_out_of_the_retry(
+    tmp_path, caplog, monkeypatch
+):
+    """The service names the sender of non-finite moments; the other clients' errors only echo
+    the abort, so the round is retried without that client alone and the run completes."""
+    import math
+
+    from common.fedtan.bn_channel import Moments
+    from common.transports.grpc.client import GrpcBNChannel
+    from common.transports.grpc.server import PREFLIGHT_ROUND
+
+    real = GrpcBNChannel.reduce_moments
+
+    def non_finite_from_1001(self, layer, local):
+        if self.client_id == "1001" and self.round_id != PREFLIGHT_ROUND:
+            local = Moments(local.count, local.mean.clone().fill_(math.nan), local.m2)
+        return real(self, layer, local)
+
+    monkeypatch.setattr(GrpcBNChannel, "reduce_moments", non_finite_from_1001)
+    result, grid = run(tmp_path, **{"transport": "grpc", "bn-sync-timeout": 5.0})
+    retries = [r.getMessage() for r in caplog.records if "Retrying without" in r.getMessage()]
+    assert retries == ["Retrying without nodes [1001]"]
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert all(m["clients"] == 2 for m in result.train_metrics_clientapp.values())
+    last_round = [
+        m for m in grid.sent if m.content.config_records[CONFIG_RECORD].get(SERVER_ROUND) == 2
+    ]
+    assert sorted(m.metadata.dst_node_id for m in last_round) == [1000, 1002]
+
+
 def test_grpc_fails_at_start_when_the_clients_cannot_run_at_the_same_time(tmp_path):
     """A Ray simulation with one actor for 3 clients: the check before round 1 says so."""
     overrides = {"transport": "grpc", "bn-sync-timeout": 1.0}
@@ -312,7 +353,7 @@ def test_clients_per_round_samples_a_seeded_subset_every_round(tmp_path):
 
     def trained(grid):
         return [
-            m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train.fedtan"
+            m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == TRAIN_FEDTAN
         ]
 
     assert trained(grid) == trained(grid_again)  # the same seed samples the same nodes

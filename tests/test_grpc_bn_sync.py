@@ -21,7 +21,7 @@ from common.fedtan.aggregation import average_states
 from common.fedtan.bn_channel import BNChannel, BNSyncError, GradSums, Moments, combine_moments
 from common.fedtan.bn_sync import convert_federated_batchnorm
 from common.transports.grpc.client import GrpcBNChannel
-from common.transports.grpc.service import BNSyncService
+from common.transports.grpc.service import AbortKind, BNSyncService
 from common.transports.grpc.wire import (
     REDUCE_METHOD,
     ErrorReply,
@@ -379,7 +379,9 @@ def test_bad_statistics_abort_the_round_for_everyone(services, channels, what, m
         assert isinstance(error, BNSyncError)
         assert "client 'c1'" in str(error) or "client c1," in str(error), str(error)
         assert message in str(error)
-    assert message in service.round_failure(1)
+    assert message in service.round_failure(1).message
+    assert service.round_failure(1).culprits == ("c1",)  # who sent it, as a field
+    assert service.round_failure(1).kind is AbortKind.BAD_CONTRIBUTION
 
 
 def test_bad_statistics_are_refused_on_arrival(services, channels) -> None:
@@ -422,7 +424,9 @@ def test_silent_client_makes_the_others_fail_after_the_timeout(services, channel
         )
     assert "was aborted" in str(errors["c2"])  # the late client learns why, too
     assert 0.9 < elapsed < FAST
-    assert "'c2'" in service.round_failure(1)
+    assert "'c2'" in service.round_failure(1).message
+    assert service.round_failure(1).culprits == ("c2",)
+    assert service.round_failure(1).kind is AbortKind.SILENT
 
 
 def wait_until_failed(service: BNSyncService, round_id: int) -> None:
@@ -523,7 +527,7 @@ def test_unknown_layer_and_skipped_seq_abort_the_round(services, channels) -> No
     )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "client 'c1': out of step: sent forward of layer 'bn1' (seq 3) while at seq 0" in details
-    assert "seq 3" in service.round_failure(2)
+    assert "seq 3" in service.round_failure(2).message
 
 
 def test_undecodable_payload_aborts_but_malformed_header_does_not(services, channels) -> None:
@@ -555,7 +559,8 @@ def test_unknown_and_closed_rounds_are_refused(services, channels) -> None:
     def closer() -> None:
         wait_until_waiting(service, 1, 1)
         reason = service.close_round(1)
-        assert "server closed the round while client(s) 'c0' were waiting" in reason
+        assert "server closed the round while client(s) 'c0' were waiting" in reason.message
+        assert reason.culprits == ("c1",) and reason.kind is AbortKind.CLOSED  # c1 never came
 
     _, errors, elapsed = run_clients(
         {"c0": lambda: c0.reduce_moments("bn1", moments(0)), "x": closer}
@@ -564,7 +569,7 @@ def test_unknown_and_closed_rounds_are_refused(services, channels) -> None:
     assert "server closed the round" in str(errors["c0"])
     with pytest.raises(BNSyncError, match="round 1 is not open"):
         channels(service, 1, "c1", credentials["c1"]).reduce_moments("bn1", moments(1))
-    assert "server closed" in service.round_failure(1)
+    assert "server closed" in service.round_failure(1).message
 
 
 class _Killed(Exception):
@@ -638,7 +643,9 @@ def test_client_deadline_bounds_the_wait_and_aborts_the_round(services, channels
         c0.reduce_moments("bn1", moments(0))
     assert time.monotonic() - start < FAST
     wait_until_failed(service, 1)
-    assert "'c0' disconnected or cancelled its request" in service.round_failure(1)
+    assert "'c0' disconnected or cancelled its request" in service.round_failure(1).message
+    assert service.round_failure(1).culprits == ("c0",)
+    assert service.round_failure(1).kind is AbortKind.DISCONNECTED
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """One server round trip: a message to each node, exactly one good reply from each, or a failure.
 
 Every FedTAN exchange needs all the round's clients, so a missing, failed or foreign reply stops
-the round; ``RoundFailure`` names the nodes at fault so the strategy can retry without them.
+the round; the ``RoundFailure`` names the nodes at fault so the strategy can retry without them.
 """
 
 from __future__ import annotations
@@ -12,21 +12,8 @@ from dataclasses import dataclass
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-MODEL_KEY = "arrays"
-
-
-class RoundFailure(RuntimeError):
-    """The round cannot complete; ``nodes`` are the clients at fault (may be empty)."""
-
-    def __init__(
-        self,
-        message: str,
-        nodes: set[int] | frozenset[int] = frozenset(),
-        reasons: dict[int, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.nodes = frozenset(nodes)
-        self.reasons = dict(reasons or {})  # per node, what went wrong
+from common.protocol import MODEL_RECORD
+from common.transports.base import FailureKind, RoundFailure
 
 
 @dataclass
@@ -40,14 +27,14 @@ class Traffic:
 
     def add(self, sent: Sequence[Message], replies: Sequence[Message]) -> None:
         self.round_trips += 1
-        for msgs, direction in ((sent, "down"), (replies, "up")):
-            for msg in msgs:
-                model, other = _split_bytes(msg.content)
-                self.model_bytes += model
-                if direction == "down":
-                    self.bn_bytes_down += other
-                else:
-                    self.bn_bytes_up += other
+        for msg in sent:
+            model, other = _split_bytes(msg.content)
+            self.model_bytes += model
+            self.bn_bytes_down += other
+        for msg in replies:
+            model, other = _split_bytes(msg.content)
+            self.model_bytes += model
+            self.bn_bytes_up += other
 
 
 def exchange(
@@ -75,7 +62,7 @@ def exchange(
     if problems:
         kind = messages[0].metadata.message_type
         detail = "; ".join(f"node {node}: {why}" for node, why in sorted(problems.items()))
-        raise RoundFailure(f"{kind} failed: {detail}", set(problems), problems)
+        raise RoundFailure(f"{kind} failed: {detail}", FailureKind.EXCHANGE, problems, problems)
     if traffic is not None:
         traffic.add(messages, list(replies.values()))
     return replies
@@ -85,7 +72,7 @@ def _split_bytes(content: RecordDict) -> tuple[int, int]:
     model = other = 0
     for key, record in content.array_records.items():
         size = sum(array.numpy().nbytes for array in record.values())
-        if key == MODEL_KEY:
+        if key == MODEL_RECORD:
             model += size
         else:
             other += size

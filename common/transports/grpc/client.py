@@ -1,4 +1,4 @@
-"""The client's end of the low-latency BN synchronization channel (see server/bn_sync_service.py).
+"""The client's end of the low-latency BN synchronization channel (see service.py).
 
 A ``GrpcBNChannel`` lives for one round: the ServerApp's train message carries the service
 address, the round id and this client's credential; the ClientApp opens the channel, runs its
@@ -15,12 +15,22 @@ the other clients of the round are released at once instead of after the service
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import TracebackType
 
 import grpc
 from torch import Tensor
 
 from common.fedtan.bn_channel import BNChannel, BNSyncError, GradSums, Moments
+from common.protocol import (
+    BACKWARD,
+    BN_SYNC_ADDRESS,
+    BN_SYNC_CREDENTIAL,
+    BN_SYNC_ROOT_CERTIFICATES,
+    BN_SYNC_ROUND,
+    BN_SYNC_TIMEOUT,
+    FORWARD,
+)
 from common.transports.grpc.wire import (
     REDUCE_METHOD,
     ErrorReply,
@@ -67,11 +77,24 @@ class GrpcBNChannel(BNChannel):
         # Bytes in, bytes out; registered as generated stubs do (a faster call path).
         self._reduce = self._channel.unary_unary(REDUCE_METHOD, _registered_method=True)
 
+    @classmethod
+    def from_train_config(cls, config: Mapping[str, object], client_id: str) -> GrpcBNChannel:
+        """The channel a train message of transport "grpc" tells ``client_id`` to open."""
+        root = str(config[BN_SYNC_ROOT_CERTIFICATES])
+        return cls(
+            str(config[BN_SYNC_ADDRESS]),
+            round_id=int(config[BN_SYNC_ROUND]),
+            client_id=client_id,
+            credential=str(config[BN_SYNC_CREDENTIAL]),
+            root_certificates=root.encode() if root else None,
+            timeout=float(config[BN_SYNC_TIMEOUT]),
+        )
+
     def reduce_moments(self, layer: str, local: Moments) -> Moments:
-        return self._exchange("forward", layer, local)
+        return self._exchange(FORWARD, layer, local)
 
     def reduce_grad_sums(self, layer: str, local: GradSums) -> GradSums:
-        return self._exchange("backward", layer, local)
+        return self._exchange(BACKWARD, layer, local)
 
     def abort(self, reason: str) -> None:
         """Tell the service that this client cannot go on; the round stops for everyone."""

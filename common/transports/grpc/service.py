@@ -28,6 +28,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from dataclasses import dataclass
+from enum import Enum
 from typing import NoReturn
 
 import grpc
@@ -38,11 +40,8 @@ from common.fedtan.bn_channel import (
     BNSyncError,
     GradSums,
     Moments,
-    check_grad_sums,
-    check_moments,
-    combine_grad_sums,
-    combine_moments,
 )
+from common.protocol import BACKWARD, FORWARD, PHASES
 from common.transports.grpc.wire import (
     SERVICE_NAME,
     ErrorReply,
@@ -52,11 +51,33 @@ from common.transports.grpc.wire import (
     encode,
 )
 
-_PAYLOAD_OF_PHASE = {"forward": Moments, "backward": GradSums}
 _SPARE_WORKERS = 4  # answer refusals while every member's request is parked waiting
 _CLOSED_ROUNDS_KEPT = 1024
 
 log = logging.getLogger(__name__)
+
+
+class AbortKind(Enum):
+    """Why a round was aborted."""
+
+    SILENT = "silent"  # a member sent nothing for an exchange within the timeout
+    DISCONNECTED = "disconnected"  # a member left while waiting for an exchange's result
+    GAVE_UP = "gave-up"  # a member aborted the round itself (its step failed)
+    BAD_CONTRIBUTION = "bad-contribution"  # undecodable, invalid or out-of-step data
+    CLOSED = "closed"  # the server closed the round while members were still waiting
+    INTERNAL = "internal"  # the combination failed although every part passed its checks
+
+
+@dataclass(frozen=True)
+class RoundAbort:
+    """A round's failure: its kind, the members at fault (maybe none) and the account."""
+
+    kind: AbortKind
+    culprits: tuple[str, ...]
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class _Refusal(Exception):
@@ -81,7 +102,7 @@ class _Round:
         self._order = list(credentials)
         self._timeout = timeout
         self._cond = threading.Condition()
-        self.failure: str | None = None
+        self.failure: RoundAbort | None = None
         self._seq = 0
         self._point: tuple[str, str] | None = None  # (phase, layer) of exchange _seq
         self._parts: dict[str, Moments | GradSums] = {}
@@ -108,7 +129,12 @@ class _Round:
                 raise _Refusal(grpc.StatusCode.ABORTED, self._aborted())
             if req.phase == "abort":
                 reason = _reason(req.payload)
-                self._fail(grpc.StatusCode.ABORTED, f"client {req.client_id!r} gave up: {reason}")
+                self._fail(
+                    grpc.StatusCode.ABORTED,
+                    f"client {req.client_id!r} gave up: {reason}",
+                    AbortKind.GAVE_UP,
+                    req.client_id,
+                )
             value = self._accept(req)
             seq, token = self._seq, object()
             self._parts[req.client_id], self._tokens[req.client_id] = value, token
@@ -119,7 +145,9 @@ class _Round:
             # take its result: stop the round now rather than after the timeout.
             if not watch(lambda: self._cancelled(req, seq, token)):
                 self._abort(
-                    f"client {req.client_id!r} disconnected during {_where(*self._point, seq)}"
+                    f"client {req.client_id!r} disconnected during {_where(*self._point, seq)}",
+                    AbortKind.DISCONNECTED,
+                    (req.client_id,),
                 )
             deadline = self._started + self._timeout
             while self.failure is None and self._seq == seq:
@@ -128,7 +156,9 @@ class _Round:
                     missing = [c for c in self._order if c not in self._parts]
                     self._abort(
                         f"client(s) {', '.join(map(repr, missing))} sent nothing for "
-                        f"{_where(*self._point, seq)} within {self._timeout:g} s"
+                        f"{_where(*self._point, seq)} within {self._timeout:g} s",
+                        AbortKind.SILENT,
+                        tuple(missing),
                     )
                     break
                 self._cond.wait(remaining)
@@ -142,57 +172,61 @@ class _Round:
                 waiting = ", ".join(map(repr, self._parts))
                 self._abort(
                     f"the server closed the round while client(s) {waiting} were waiting "
-                    f"in {_where(*self._point, self._seq)}"
+                    f"in {_where(*self._point, self._seq)}",
+                    AbortKind.CLOSED,
+                    tuple(c for c in self._order if c not in self._parts),  # never came
                 )
 
     def abort(self, reason: str) -> None:
         with self._cond:
             # Worth a warning only if someone was waiting; an idle round just ends.
-            self._abort(reason, logging.WARNING if self._parts else logging.INFO)
+            level = logging.WARNING if self._parts else logging.INFO
+            self._abort(reason, AbortKind.CLOSED, (), level)
 
     def _accept(self, req: ReduceRequest) -> Moments | GradSums:
         """Check a contribution before it joins the exchange; any problem aborts the round."""
         who = f"round {self.id}, client {req.client_id!r}"
         bad, out_of_step = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
-        if req.phase not in _PAYLOAD_OF_PHASE:
-            self._fail(bad, f"{who}: unknown phase {req.phase!r}")
+        if req.phase not in PHASES:
+            self._blame(req, bad, f"{who}: unknown phase {req.phase!r}")
         pending = req.client_id in self._parts
         sent = _where(req.phase, req.layer, req.seq)
         if req.seq < self._seq or (pending and req.seq == self._seq):
             state = "already completed" if req.seq < self._seq else "is still pending"
-            self._fail(out_of_step, f"{who}: duplicate contribution to {sent}, which {state}")
+            self._blame(req, out_of_step, f"{who}: duplicate contribution to {sent}, which {state}")
         if req.seq != self._seq or pending:
-            self._fail(out_of_step, f"{who}: out of step: sent {sent} while at seq {self._seq}")
+            self._blame(
+                req, out_of_step, f"{who}: out of step: sent {sent} while at seq {self._seq}"
+            )
         if self._point is not None and (req.phase, req.layer) != self._point:
             others = ", ".join(map(repr, self._parts))
-            self._fail(
+            self._blame(
+                req,
                 out_of_step,
                 f"{who}: out of step: sent {sent}, but client(s) {others} sent "
                 f"{_where(*self._point, self._seq)}",
             )
-        if req.phase == "backward" and req.layer not in self._forward_layers:
-            self._fail(out_of_step, f"{who}: unknown layer: {sent} without a forward sync")
+        if req.phase == BACKWARD and req.layer not in self._forward_layers:
+            self._blame(req, out_of_step, f"{who}: unknown layer: {sent} without a forward sync")
         try:
             value = decode(req.payload)
         except BNSyncError as error:
-            self._fail(bad, f"{who}: undecodable payload in {sent}: {error}")
-        expected = _PAYLOAD_OF_PHASE[req.phase]
+            self._blame(req, bad, f"{who}: undecodable payload in {sent}: {error}")
+        expected = PHASES[req.phase].payload
         if not isinstance(value, expected):
-            self._fail(
-                bad, f"{who}: {sent} carries {type(value).__name__}, not {expected.__name__}"
+            self._blame(
+                req, bad, f"{who}: {sent} carries {type(value).__name__}, not {expected.__name__}"
             )
         if _suspicious(value):  # cheap numpy screen; the core's checks word the verdict
             try:
-                if isinstance(value, Moments):
-                    check_moments(req.client_id, req.layer, value)
-                else:
-                    check_grad_sums(req.client_id, req.layer, value)
+                PHASES[req.phase].check(req.client_id, req.layer, value)
             except BNSyncError as error:
-                self._fail(bad, f"round {self.id}: {error}")
+                self._blame(req, bad, f"round {self.id}: {error}")
         if self._parts:
             channels = {len(_first_vector(p)) for p in self._parts.values()}
             if channels != {len(_first_vector(value))}:
-                self._fail(
+                self._blame(
+                    req,
                     bad,
                     f"{who}: {sent} has {len(_first_vector(value))} channels, the other "
                     f"clients' have {channels.pop()}",
@@ -204,12 +238,11 @@ class _Round:
     def _complete(self) -> None:
         phase, layer = self._point
         parts = {c: self._parts[c] for c in self._order}  # fixed order: reproducible sums
-        combine = combine_moments if phase == "forward" else combine_grad_sums
         try:
-            self._reply = encode(combine(layer, parts))
+            self._reply = encode(PHASES[phase].combine(layer, parts))
         except BNSyncError as error:  # pre-checked above, so not expected
-            self._fail(grpc.StatusCode.INTERNAL, f"round {self.id}: {error}")
-        if phase == "forward":
+            self._fail(grpc.StatusCode.INTERNAL, f"round {self.id}: {error}", AbortKind.INTERNAL)
+        if phase == FORWARD:
             self._forward_layers.add(layer)
         self._seq += 1
         self._point, self._parts, self._tokens = None, {}, {}
@@ -225,16 +258,34 @@ class _Round:
             ):
                 self._abort(
                     f"client {req.client_id!r} disconnected or cancelled its request while "
-                    f"waiting in {_where(req.phase, req.layer, seq)}"
+                    f"waiting in {_where(req.phase, req.layer, seq)}",
+                    AbortKind.DISCONNECTED,
+                    (req.client_id,),
                 )
 
-    def _fail(self, code: grpc.StatusCode, message: str) -> NoReturn:
-        self._abort(message)
+    def _fail(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        kind: AbortKind = AbortKind.BAD_CONTRIBUTION,
+        culprit: str | None = None,
+    ) -> NoReturn:
+        self._abort(message, kind, () if culprit is None else (culprit,))
         raise _Refusal(code, message)
 
-    def _abort(self, reason: str, level: int = logging.WARNING) -> None:
+    def _blame(self, req: ReduceRequest, code: grpc.StatusCode, message: str) -> NoReturn:
+        """Refuse ``req`` and abort the round, with its sender at fault."""
+        self._fail(code, message, AbortKind.BAD_CONTRIBUTION, req.client_id)
+
+    def _abort(
+        self,
+        reason: str,
+        kind: AbortKind,
+        culprits: tuple[str, ...],
+        level: int = logging.WARNING,
+    ) -> None:
         if self.failure is None:
-            self.failure = reason
+            self.failure = RoundAbort(kind, culprits, reason)
             log.log(level, "BN sync round %s aborted: %s", self.id, reason)
             self._cond.notify_all()
 
@@ -267,7 +318,7 @@ class BNSyncService:
         self._tls, self._timeout, self._max_clients = tls, timeout, max_clients
         self._lock = threading.Lock()
         self._rounds: dict[int, _Round] = {}
-        self._closed: OrderedDict[int, str | None] = OrderedDict()
+        self._closed: OrderedDict[int, RoundAbort | None] = OrderedDict()
         self._server: grpc.Server | None = None
         self._pool: futures.ThreadPoolExecutor | None = None
         self._port: int | None = None
@@ -347,7 +398,7 @@ class BNSyncService:
             self._rounds[round_id] = _Round(round_id, credentials, self._timeout)
         return credentials
 
-    def close_round(self, round_id: int) -> str | None:
+    def close_round(self, round_id: int) -> RoundAbort | None:
         """Forget the round (clients still waiting are aborted); returns its failure, if any."""
         with self._lock:
             rnd = self._rounds.pop(round_id, None)
@@ -357,7 +408,7 @@ class BNSyncService:
             self._remember(rnd)
         return rnd.failure
 
-    def round_failure(self, round_id: int) -> str | None:
+    def round_failure(self, round_id: int) -> RoundAbort | None:
         """Why the round was aborted, None if it was not; for open and recently closed rounds."""
         with self._lock:
             if round_id in self._rounds:
@@ -429,4 +480,4 @@ def _reason(payload: bytes) -> str:
     return value.message if isinstance(value, ErrorReply) else "(no reason given)"
 
 
-__all__ = ["BNSyncService"]
+__all__ = ["AbortKind", "BNSyncService", "RoundAbort"]

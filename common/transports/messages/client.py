@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flwr.app import RecordDict
 from torch import nn
 
 from common.fedtan import Batch, LossFn
 from common.fedtan.bn_channel import BNChannel, BNSyncError, GradSums, Moments
 from common.fedtan.bn_sync import synchronized
-from common.transports.messages.records import BACKWARD, FORWARD, UnionStats
+from common.protocol import BACKWARD, FORWARD
+from common.transports.messages.records import UnionStats
 
 
 @dataclass
@@ -35,6 +37,18 @@ class ReplayChannel(BNChannel):
     def __init__(self, union: UnionStats) -> None:
         self.union = union
         self.calls = {FORWARD: 0, BACKWARD: 0}
+
+    @classmethod
+    def from_message(cls, content: RecordDict) -> ReplayChannel:
+        """The channel of a train message of transport "messages": its union statistics."""
+        return cls(UnionStats.from_records(content))
+
+    def __enter__(self) -> ReplayChannel:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.check_consumed()
 
     def reduce_moments(self, layer: str, local: Moments) -> Moments:
         return self._next(FORWARD, self.union.forward, layer, local)

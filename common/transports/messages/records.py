@@ -13,9 +13,21 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from common.fedtan.bn_channel import BNSyncError, GradSums, Moments
+from common.protocol import (
+    BACKWARD,
+    FORWARD,
+    LOCAL_STATS_META_RECORD,
+    LOCAL_STATS_RECORD,
+    PHASES,
+    SERVER_ROUND,
+    SYNC_INDEX,
+    SYNC_LAYER,
+    UNION_STATS_META_RECORD,
+    UNION_STATS_RECORD,
+)
 
-FORWARD, BACKWARD = "forward", "backward"
-_FIELDS = {FORWARD: ("mean", "m2"), BACKWARD: ("sum_dy", "sum_dy_xhat")}
+_PHASE = "phase"  # in a reply's meta: which phase it answers
+_COUNT = "count"  # ... and, forward, the client's sample count
 
 
 @dataclass
@@ -29,7 +41,7 @@ class UnionStats:
         arrays = {}
         for phase, entries in ((FORWARD, self.forward), (BACKWARD, self.backward)):
             for i, (_, stats) in enumerate(entries):
-                for name in _FIELDS[phase]:
+                for name in PHASES[phase].fields:
                     arrays[f"{phase}.{i}.{name}"] = _array(getattr(stats, name))
         meta = ConfigRecord(
             {
@@ -38,19 +50,20 @@ class UnionStats:
                 "backward-layers": [layer for layer, _ in self.backward],
             }
         )
-        return {"bn-union": ArrayRecord(arrays), "bn-union-meta": meta}
+        return {UNION_STATS_RECORD: ArrayRecord(arrays), UNION_STATS_META_RECORD: meta}
 
     @classmethod
     def from_records(cls, content: RecordDict) -> UnionStats:
-        meta, arrays = content.config_records["bn-union-meta"], content.array_records["bn-union"]
+        meta = content.config_records[UNION_STATS_META_RECORD]
+        arrays = content.array_records[UNION_STATS_RECORD]
         union = cls()
         for i, (layer, count) in enumerate(
             zip(meta["forward-layers"], meta["forward-counts"], strict=True)
         ):
-            mean, m2 = (_tensor(arrays[f"{FORWARD}.{i}.{n}"]) for n in _FIELDS[FORWARD])
+            mean, m2 = (_tensor(arrays[f"{FORWARD}.{i}.{n}"]) for n in PHASES[FORWARD].fields)
             union.forward.append((layer, Moments(int(count), mean, m2)))
         for i, layer in enumerate(meta["backward-layers"]):
-            sums = (_tensor(arrays[f"{BACKWARD}.{i}.{n}"]) for n in _FIELDS[BACKWARD])
+            sums = (_tensor(arrays[f"{BACKWARD}.{i}.{n}"]) for n in PHASES[BACKWARD].fields)
             union.backward.append((layer, GradSums(*sums)))
         return union
 
@@ -59,26 +72,28 @@ def local_stats_record(
     phase: str, index: int, layer: str, stats: Moments | GradSums, server_round: int
 ) -> RecordDict:
     """A client's reply: its statistics of the ``index``-th sync point of ``phase``."""
-    meta = {"phase": phase, "index": index, "layer": layer, "round": server_round}
+    meta = {_PHASE: phase, SYNC_INDEX: index, SYNC_LAYER: layer, SERVER_ROUND: server_round}
     if phase == FORWARD:
-        meta["count"] = stats.count
-    arrays = {name: _array(getattr(stats, name)) for name in _FIELDS[phase]}
-    return RecordDict({"bn-local": ArrayRecord(arrays), "bn-local-meta": ConfigRecord(meta)})
+        meta[_COUNT] = stats.count
+    arrays = {name: _array(getattr(stats, name)) for name in PHASES[phase].fields}
+    return RecordDict(
+        {LOCAL_STATS_RECORD: ArrayRecord(arrays), LOCAL_STATS_META_RECORD: ConfigRecord(meta)}
+    )
 
 
 def parse_local_stats(
     content: RecordDict, *, sender: object, phase: str, index: int, layer: str, server_round: int
 ) -> Moments | GradSums:
     """Read a client's reply, refusing one that answers another question than was asked."""
+    expected = {_PHASE: phase, SYNC_INDEX: index, SYNC_LAYER: layer, SERVER_ROUND: server_round}
     try:
-        meta = content.config_records["bn-local-meta"]
-        arrays = content.array_records["bn-local"]
-        tags = {key: meta[key] for key in ("phase", "index", "layer", "round")}
-        values = [_tensor(arrays[name]) for name in _FIELDS[phase]]
-        count = meta["count"] if phase == FORWARD else None
+        meta = content.config_records[LOCAL_STATS_META_RECORD]
+        arrays = content.array_records[LOCAL_STATS_RECORD]
+        tags = {key: meta[key] for key in expected}
+        values = [_tensor(arrays[name]) for name in PHASES[phase].fields]
+        count = meta[_COUNT] if phase == FORWARD else None
     except (KeyError, TypeError, ValueError) as error:
         raise BNSyncError(f"client {sender}: malformed {phase} reply ({error!r})") from None
-    expected = {"phase": phase, "index": index, "layer": layer, "round": server_round}
     if tags != expected:
         raise BNSyncError(
             f"client {sender}: reply is for {tags}, expected {expected} "
