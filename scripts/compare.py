@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.app import app as client_app  # noqa: E402
-from common.experiment.config import METHOD_NORMS, RunConfig  # noqa: E402
-from common.experiment.methods import check_method_names  # noqa: E402
+from common.experiment.config import RunConfig  # noqa: E402
+from common.experiment.methods import METHODS, check_method_names  # noqa: E402
 from server.app import run_fedtan  # noqa: E402
 from server.local_run import LocalGrid  # noqa: E402
 
@@ -53,16 +53,7 @@ class SequentialGrid(LocalGrid):
         return replies
 
 
-DEFAULT_METHODS = "centralized,fedtan,fedavg-bn,fedavg-gn,fedbn,silobn,fixbn"
-LABELS = {
-    "centralized": "Centralized (pooled data)",
-    "fedtan": "FedTAN",
-    "fedavg-bn": "FedAvg + BN",
-    "fedavg-gn": "FedAvg + GN",
-    "fedbn": "FedBN (clients' mean)",
-    "silobn": "SiloBN (clients' mean)",
-    "fixbn": "FixBN",
-}
+DEFAULT_METHODS = ",".join(METHODS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,8 +119,8 @@ def base_config(path: str, overrides: list[str]) -> dict:
 
 def method_config(base: dict, method: str, output_dir: Path) -> dict:
     config = {**base, "method": method, "output-dir": str(output_dir)}
-    if METHOD_NORMS[method] is not None:  # e.g. FedAvg + GN: the same network with GroupNorm
-        config["norm"] = METHOD_NORMS[method]
+    if (norm := METHODS[method].norm) is not None:  # FedAvg + GN: the network with GroupNorm
+        config["norm"] = norm
     return config
 
 
@@ -198,7 +189,7 @@ def table(rows: dict[str, list[dict]], base: dict, target: float, command: str) 
         reach = next((r["round"] for r in evaluated if r["test-accuracy"] >= target), None)
         n = len(rs)
         lines.append(
-            f"| {LABELS.get(method, method)} | {final:.4f} | "
+            f"| {METHODS[method].label} | {final:.4f} | "
             + (f"{best['test-accuracy']:.4f} ({best['round']})" if best else "-")
             + f" | {reach if reach is not None else 'not reached'}"
             f" | {sum(r['seconds'] for r in rs) / n:.2f}"
@@ -212,7 +203,7 @@ def table(rows: dict[str, list[dict]], base: dict, target: float, command: str) 
         " extra statistics (down + up). Client-side evaluation (FedBN, SiloBN) is not"
         " counted there: "
         + ", ".join(
-            f"{LABELS.get(m, m)} {sum(r.get('eval_bytes', 0) for r in rs) / len(rs) / 1e6:.3f} MB"
+            f"{METHODS[m].label} {sum(r.get('eval_bytes', 0) for r in rs) / len(rs) / 1e6:.3f} MB"
             for m, rs in rows.items()
             if any(r.get("eval_bytes") for r in rs)
         )
@@ -263,7 +254,7 @@ def plot(rows: dict[str, list[dict]], out: Path) -> None:
             if not points:
                 continue
             rounds, mbytes, values = zip(*points, strict=True)
-            style = {"label": LABELS.get(method, method), "linewidth": 1.4}
+            style = {"label": METHODS[method].label, "linewidth": 1.4}
             if method == "centralized":
                 style.update(color="black", linestyle=(0, (4, 3)), zorder=5)
             by_round.plot(rounds, values, **style)

@@ -1,11 +1,14 @@
 """Every ready-made experiment in configs/ is a valid run config on top of the app's defaults."""
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from common.experiment.config import RunConfig
+from common.experiment.methods import METHODS
+from common.experiment.models import NORMS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -13,6 +16,19 @@ DEFAULTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"][
 
 def test_the_defaults_are_a_valid_config():
     RunConfig.from_flower(DEFAULTS)
+
+
+def test_run_config_defaults_are_the_apps_defaults():
+    """RunConfig() and a Flower run without overrides are the same experiment."""
+    declared = {
+        f.name.replace("_", "-"): f.default for f in dataclasses.fields(RunConfig) if f.init
+    }
+    assert declared == DEFAULTS
+
+
+def test_each_method_names_a_normalization_the_models_have():
+    for method in METHODS.values():
+        assert method.norm is None or method.norm in NORMS, method.name
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)

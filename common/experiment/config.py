@@ -1,7 +1,8 @@
 """The experiment's settings: Flower run config (kebab-case keys) parsed into one typed object.
 
-Defaults live in ``pyproject.toml`` under ``[tool.flwr.app.config]``; ``configs/*.toml`` hold
-ready experiments. A wrong key or value fails at start with a message that names it.
+The defaults here are the app's, ``pyproject.toml``'s ``[tool.flwr.app.config]`` (a test holds
+them equal); ``configs/*.toml`` hold ready experiments. A wrong key or value fails at start
+with a message that names it.
 """
 
 from __future__ import annotations
@@ -11,26 +12,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Each method and the normalization it is defined with (None: any); common/methods.py says
-# what each one does.
-METHOD_NORMS = {
-    "fedtan": "batch",
-    "centralized": None,
-    "fedavg-bn": "batch",
-    "fedavg-gn": "group",
-    "fedbn": "batch",
-    "silobn": "batch",
-    "fixbn": "batch",
-}
+from common import transports
+from common.experiment import data, methods, models, partition
 
+# Each key's choices, from the module that defines them.
 CHOICES = {
-    "method": tuple(METHOD_NORMS),
-    "transport": ("messages", "grpc"),
-    "dataset": ("digits", "cifar10", "synthetic"),
-    "partition": ("iid", "sorted", "dirichlet"),
-    "model": ("resnet20", "resnet32", "resnet44", "resnet56", "small_cnn"),
-    "norm": ("batch", "group", "none"),
-    "on-failure": ("retry", "stop"),
+    "method": tuple(methods.METHODS),
+    "transport": transports.NAMES,
+    "dataset": data.DATASET_NAMES,
+    "partition": partition.SCHEMES,
+    "model": models.MODEL_NAMES,
+    "norm": models.NORMS,
+    "on-failure": ("retry", "stop"),  # RoundStrategy's on_failure
 }
 
 
@@ -51,12 +44,12 @@ class RunConfig:
     lr_gamma: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
-    num_rounds: int = 10
+    num_rounds: int = 5
     model: str = "small_cnn"
     norm: str = "batch"
     seed: int = 0
     eval_interval: int = 1
-    output_dir: str = "outputs"
+    output_dir: str = "outputs/digits-fedtan"
     on_failure: str = "retry"  # retry the round with the clients that answered, or stop
     max_retries: int = 2
     reply_timeout: float = 600.0  # seconds to wait for the replies of one exchange
@@ -102,7 +95,7 @@ class RunConfig:
                 raise ValueError(
                     f"run config '{_key(name)}' must be >= 0, got {getattr(self, name)}"
                 )
-        needed = METHOD_NORMS[self.method]
+        needed = methods.METHODS[self.method].norm
         if needed is not None and self.norm != needed:
             raise ValueError(
                 f"run config 'method' {self.method!r} needs 'norm' = {needed!r}, got {self.norm!r}"

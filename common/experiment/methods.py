@@ -11,7 +11,8 @@ says
   "bn-stats" (running statistics only: SiloBN). Everything else is averaged by the server.
 * ``evaluate_on_clients``: no single global model exists (each client has its own BN), so every
   client evaluates its own model on the test data and the server reports the clients' mean.
-* the normalization a method is defined with is ``common.config.METHOD_NORMS`` (checked there).
+* ``norm``: the normalization a method is defined with (None: any); ``RunConfig`` checks it.
+* ``label``: its name in tables and plots.
 * ``freeze_bn_stats``: FixBN: after the switch round, clients normalize with the global running
   statistics (BN in eval mode while training) and no longer update them.
 """
@@ -32,8 +33,12 @@ BN_AFFINE = ("weight", "bias")
 
 @dataclass(frozen=True)
 class Method:
+    """One row of the table; the module docstring says what each field means."""
+
     name: str
+    label: str
     train: str  # "fedtan" | "local" | "server"
+    norm: str | None = "batch"  # one of models.NORMS, or None: any
     keep: str = "none"  # "none" | "bn" | "bn-stats"
     evaluate_on_clients: bool = False
     freeze_bn_stats: bool = False
@@ -43,19 +48,55 @@ class Method:
 METHODS = {
     m.name: m
     for m in (
-        Method("fedtan", "fedtan", paper="Wang, Shi, Chang 2023 (arXiv 2301.02982)"),
-        Method("centralized", "server", paper="SGD on the pooled data"),
-        Method("fedavg-bn", "local", paper="McMahan et al. 2017, with BatchNorm"),
-        Method("fedavg-gn", "local", paper="Hsieh et al. 2020 (GroupNorm)"),
-        Method("fedbn", "local", keep="bn", evaluate_on_clients=True, paper="Li et al. 2021"),
+        Method(
+            "centralized",
+            "Centralized (pooled data)",
+            train="server",
+            norm=None,
+            paper="SGD on the pooled data",
+        ),
+        Method(
+            "fedtan",
+            "FedTAN",
+            train="fedtan",
+            paper="Wang, Shi, Chang 2023 (arXiv 2301.02982)",
+        ),
+        Method(
+            "fedavg-bn",
+            "FedAvg + BN",
+            train="local",
+            paper="McMahan et al. 2017, with BatchNorm",
+        ),
+        Method(
+            "fedavg-gn",
+            "FedAvg + GN",
+            train="local",
+            norm="group",
+            paper="Hsieh et al. 2020 (GroupNorm)",
+        ),
+        Method(
+            "fedbn",
+            "FedBN (clients' mean)",
+            train="local",
+            keep="bn",
+            evaluate_on_clients=True,
+            paper="Li et al. 2021",
+        ),
         Method(
             "silobn",
-            "local",
+            "SiloBN (clients' mean)",
+            train="local",
             keep="bn-stats",
             evaluate_on_clients=True,
             paper="Andreux et al. 2020",
         ),
-        Method("fixbn", "local", freeze_bn_stats=True, paper="Zhong, Chen, Chao 2024"),
+        Method(
+            "fixbn",
+            "FixBN",
+            train="local",
+            freeze_bn_stats=True,
+            paper="Zhong, Chen, Chao 2024",
+        ),
     )
 }
 
