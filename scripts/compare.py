@@ -4,11 +4,11 @@
         [--methods centralized,fedtan,...] [--set local-steps=5 --set num-rounds=100] \\
         [--runs outputs/compare/digits-e1] [--target 0.9]
 
-Each method runs in this process: the real ServerApp code (``server.app.run_fedtan``) drives the
-real ClientApp through the in-memory Grid the tests use (``tests/flower_harness.LocalGrid``),
-one context per node, every message deep-copied as if it crossed a network, one node at a
-time (``SequentialGrid``: handlers in concurrent threads have hit a CPython 3.11 bug, "AST
-constructor recursion depth mismatch", which fails a client and so changes the experiment).
+Each method runs in this process: the real ServerApp code drives the real ClientApp through the
+in-memory Grid (``server.local_run.run_locally``), one context per node, every message
+deep-copied as if it crossed a network, one node at a time (``concurrency=1``: handlers in
+concurrent threads have hit a CPython 3.11 bug, "AST constructor recursion depth mismatch",
+which fails a client and so changes the experiment).
 That is the server and client logic ``flwr run`` executes, without a SuperLink, Ray actors and
 protobuf serialization per message, which on a small CPU machine would cost more than the
 training. The byte counts are those of the messages' arrays, as over Flower. For a real Flower
@@ -39,19 +39,7 @@ sys.path.insert(0, str(ROOT))
 from client.app import app as client_app  # noqa: E402
 from common.experiment.config import RunConfig  # noqa: E402
 from common.experiment.methods import METHODS, check_method_names  # noqa: E402
-from server.app import run_fedtan  # noqa: E402
-from server.local_run import LocalGrid  # noqa: E402
-
-
-class SequentialGrid(LocalGrid):
-    """``LocalGrid`` handling one message at a time (no method here needs concurrent nodes)."""
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            replies += super().send_and_receive([msg], timeout=timeout)
-        return replies
-
+from server.local_run import run_locally  # noqa: E402
 
 DEFAULT_METHODS = ",".join(METHODS)
 
@@ -73,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"[{i}/{len(methods)}] {method}: {cfg.num_rounds} rounds ...", flush=True)
         t0 = time.monotonic()
-        run_fedtan(SequentialGrid(client_app, cfg.num_clients, run_config), cfg)
+        run_locally(client_app, run_config, concurrency=1)  # no method needs nodes at once
         print(
             f"[{i}/{len(methods)}] {method}: finished in {time.monotonic() - t0:.0f} s "
             f"(suite so far {time.monotonic() - started:.0f} s)",

@@ -1,9 +1,15 @@
-"""An in-memory Flower Grid for tests: the real ServerApp strategy talks to the real ClientApp.
+"""The real ServerApp and ClientApp code in one process, over an in-memory Flower Grid.
 
-Each node gets its own ``Context`` (node config with its partition, persistent state); every
-message is handled by ``ClientApp.__call__`` exactly as a SuperNode would, and a handler that
-raises becomes an error reply (code 2), as in Flower. ``faults`` lets a test corrupt, drop or
-fail one node's replies.
+``run_locally(run_config)`` is a whole run of the app without SuperLink, SuperNodes or Ray: the
+strategy talks to the ClientApp through ``LocalGrid``, which gives each node its own ``Context``
+(node config with its partition, persistent state) and hands every message to
+``ClientApp.__call__`` exactly as a SuperNode would; a handler that raises becomes an error
+reply (code 2), as in Flower. ``faults`` lets a test corrupt, drop or fail one node's replies.
+Used by ``scripts/compare.py`` and the tests; far cheaper than Ray on a small machine.
+
+Flower's runtime gives its apps two things this process must then provide, and does so only
+inside ``flower_in_this_process()``: the ServerApp task identity that outgoing messages are
+stamped with, and (nodes run in threads here) one ``ast.literal_eval`` at a time.
 """
 
 from __future__ import annotations
@@ -12,34 +18,76 @@ import ast
 import copy
 import itertools
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
 from flwr.supercore.task_identity import TaskIdentity
+
+from common.experiment.config import RunConfig
+from server.app import run_fedtan
 
 Fault = Callable[[Message], Message | None]  # returns the reply to deliver, or None (dropped)
 
-TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-# Nodes handle messages in threads here (in Flower each ClientApp has a process of its own).
-# CPython < 3.11.9 can fail ast.literal_eval, which numpy uses to read the .npy headers of
-# Flower's Arrays, when two threads parse at once ("AST constructor recursion depth
-# mismatch", gh-106905); one parse at a time avoids it.
-_literal_eval, _parse_lock = ast.literal_eval, threading.Lock()
+RUN_ID, SERVERAPP_TASK_ID, SUPERLINK_NODE_ID = 1, 1, 0
+FIRST_NODE_ID = 1000  # node k of a LocalGrid is FIRST_NODE_ID + k
 
 
-def _serialized_literal_eval(node_or_string):
-    with _parse_lock:
-        return _literal_eval(node_or_string)
+def run_locally(
+    client_app: ClientApp,
+    run_config: Mapping[str, object],
+    *,
+    faults: Mapping[int, Fault] | None = None,
+    num_nodes: int | None = None,
+    concurrency: int | None = None,
+) -> tuple[Result, LocalGrid]:
+    """One run of ``run_config`` (Flower run config keys) by ``server.app.run_fedtan`` with
+    ``client_app`` on ``num_nodes`` in-memory nodes (default: its ``num-clients``).
+
+    ``concurrency``: how many nodes handle messages at once (like Ray actors); None: all.
+    Returns the run's result and the grid, which holds every message it sent.
+    """
+    cfg = RunConfig.from_flower(run_config)
+    grid = LocalGrid(client_app, num_nodes or cfg.num_clients, run_config, faults, concurrency)
+    with flower_in_this_process():
+        return run_fedtan(grid, cfg), grid
 
 
-ast.literal_eval = _serialized_literal_eval
+@contextmanager
+def flower_in_this_process() -> Iterator[None]:
+    """What Flower's runtime provides a ServerApp, for apps run in this process; undone on exit.
+
+    * ``TaskIdentity``: the ids a ServerApp's new messages are stamped with (Flower's
+      ``run_serverapp`` sets them from the SuperLink's task).
+    * ``ast.literal_eval`` one call at a time: numpy parses the .npy header of every Flower
+      ``Array`` with it, and CPython < 3.11.9 can fail two parses in parallel threads ("AST
+      constructor recursion depth mismatch", gh-106905); Flower runs each ClientApp in a
+      process of its own, this module runs them in threads.
+    """
+    saved_identity = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    literal_eval, parse_lock = ast.literal_eval, threading.Lock()
+
+    def one_at_a_time(node_or_string: object) -> object:
+        with parse_lock:
+            return literal_eval(node_or_string)
+
+    TaskIdentity.run_id, TaskIdentity.task_id = RUN_ID, SERVERAPP_TASK_ID
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    ast.literal_eval = one_at_a_time
+    try:
+        yield
+    finally:
+        ast.literal_eval = literal_eval
+        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved_identity
 
 
 class LocalGrid(Grid):
+    """An in-memory Grid of ``num_nodes`` nodes that run ``client_app`` in threads."""
+
     def __init__(
         self,
         client_app: ClientApp,
@@ -49,10 +97,10 @@ class LocalGrid(Grid):
         concurrency: int | None = None,
     ) -> None:
         self.client_app = client_app
-        self.node_ids = [1000 + k for k in range(num_nodes)]
+        self.node_ids = [FIRST_NODE_ID + k for k in range(num_nodes)]
         self.contexts = {
             node: Context(
-                run_id=1,
+                run_id=RUN_ID,
                 node_id=node,
                 state=RecordDict(),
                 run_config=dict(run_config),

@@ -26,8 +26,7 @@ from common.protocol import (
     SERVER_ROUND,
     TRAIN_LOCAL,
 )
-from server.app import run_fedtan
-from server.local_run import LocalGrid
+from server.local_run import LocalGrid, run_locally
 
 K = 3
 BASE = {
@@ -47,8 +46,7 @@ BASE = {
 
 def run(tmp_path, method, faults=None, **overrides):
     run_config = {**BASE, "method": method, "output-dir": str(tmp_path / method), **overrides}
-    grid = LocalGrid(client_app, K, run_config, faults)
-    return run_fedtan(grid, RunConfig.from_flower(run_config)), grid
+    return run_locally(client_app, run_config, faults=faults, num_nodes=K)
 
 
 def reference(cfg: RunConfig) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:

@@ -29,7 +29,7 @@ from common.protocol import (
     TRAIN_FEDTAN,
 )
 from server.app import run_fedtan
-from server.local_run import LocalGrid
+from server.local_run import LocalGrid, flower_in_this_process, run_locally
 
 BASE = {
     "dataset": "digits",
@@ -47,8 +47,7 @@ BASE = {
 
 def run(tmp_path, faults=None, num_nodes=3, **overrides):
     run_config = {**BASE, "output-dir": str(tmp_path / "out"), **overrides}
-    grid = LocalGrid(client_app, num_nodes, run_config, faults)
-    return run_fedtan(grid, RunConfig.from_flower(run_config)), grid
+    return run_locally(client_app, run_config, faults=faults, num_nodes=num_nodes)
 
 
 def in_process_reference(cfg: RunConfig, num_clients: int) -> dict[str, torch.Tensor]:
@@ -338,7 +337,8 @@ def test_grpc_fails_at_start_when_the_clients_cannot_run_at_the_same_time(tmp_pa
     run_config = {**BASE, "output-dir": str(tmp_path / "out"), **overrides}
     grid = LocalGrid(client_app, 3, run_config, concurrency=1)
     with pytest.raises(RuntimeError, match="before round 1.*sent nothing.*init-args-num-cpus"):
-        run_fedtan(grid, RunConfig.from_flower(run_config))
+        with flower_in_this_process():
+            run_fedtan(grid, RunConfig.from_flower(run_config))
     assert not (tmp_path / "out" / "metrics.csv").exists()  # no round was started
     types = {m.metadata.message_type for m in grid.sent}
     assert types == {"query.bn_sync_preflight"}

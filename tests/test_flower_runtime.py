@@ -8,7 +8,7 @@
   a fresh ClientApp process.
 
 Each test has a hard time budget (every wait is bounded by it) and stops every process it
-started, including the detached local SuperLink and Ray's workers (``tests/flower_processes``).
+started, including the detached local SuperLink and Ray's workers (``server/processes.py``).
 Traffic stays on 127.0.0.1 (free ports; Ray is told to bind the loopback address).
 Budgets: ``FEDTAN_SIMULATION_TEST_TIMEOUT_S`` (default 300), ``FEDTAN_DEPLOYMENT_TEST_TIMEOUT_S``
 (default 360); a deployment round is 7 exchanges of about 6 s on an idle 2-core machine.
