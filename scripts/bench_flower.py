@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 
 from common.experiment import task  # noqa: E402
 from common.experiment.config import RunConfig  # noqa: E402
-from common.fedtan import synced_round  # noqa: E402
 from server.processes import (  # noqa: E402
     Deadline,
     ManagedProcess,
@@ -145,16 +144,7 @@ def in_process_seconds(cfg: RunConfig) -> float:
     for r in range(1, cfg.num_rounds + 1):
         batches = task.every_client_batches(cfg, cfg.num_clients, r)
         started = time.perf_counter()
-        model.load_state_dict(
-            synced_round(
-                model,
-                batches,
-                task.loss_fn,
-                lr=cfg.lr_at(r),
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-            )
-        )
+        model.load_state_dict(task.engine_round(model, cfg, batches, r))
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:-1])
 

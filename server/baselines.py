@@ -21,7 +21,6 @@ from common.experiment.methods import METHODS, centralized_round, local_keys
 from common.fedtan import Batch
 from common.protocol import FREEZE_BN_STATS, NUM_EXAMPLES, TRAIN_LOSS, TrainSettings
 from common.transports.base import RoundPlan
-from common.transports.exchange import Traffic
 from server.strategy import RoundStrategy
 
 BatchesFn = Callable[[int, int, int], Sequence[Sequence[Batch]]]
@@ -57,29 +56,11 @@ class Centralized(RoundStrategy):
     def describe(self) -> str:
         return "Centralized: SGD on the union of all partitions' round batches, on the server"
 
-    def plan_round(
-        self,
-        grid: Grid,
-        server_round: int,
-        attempt: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        *,
-        timeout: float,
-        traffic: Traffic | None = None,
-    ) -> RoundPlan:
-        """No clients are sampled: the server trains on every partition's batches."""
-        return RoundPlan(
-            server_round=server_round,
-            attempt=attempt,
-            nodes=(),
-            arrays=arrays,
-            config=self.round_config(server_round, config),
-            message_type=self.message_type,
-            group_id=f"{self.name}-round-{server_round}",
-            timeout=timeout,
-            traffic=traffic,
-        )
+    def round_nodes(
+        self, grid: Grid, server_round: int, attempt: int, *, timeout: float
+    ) -> Sequence[int]:
+        """None: the server trains on every partition's batches itself."""
+        return ()
 
     def run_round(
         self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord

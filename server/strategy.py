@@ -215,22 +215,21 @@ class RoundStrategy(Strategy):
         """
         log(INFO, "Starting %s for %d rounds:", self.name, num_rounds)
         self.summary()
+        self.excluded = set()  # a new run: every node may take part again
         result = Result(arrays=initial_arrays)
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
 
         def evaluate(server_round: int, traffic: Traffic) -> None:
-            due = server_round % self.eval_interval == 0 or server_round == num_rounds
-            if (
-                due
-                and (
-                    metrics := self._evaluate_on_clients(
-                        grid, server_round, result.arrays, evaluate_config, timeout, traffic
-                    )
+            if server_round % self.eval_interval == 0 or server_round == num_rounds:
+                messages = self.configure_evaluate(
+                    server_round, result.arrays, evaluate_config, grid
                 )
-                is not None
-            ):
-                result.evaluate_metrics_clientapp[server_round] = metrics
+                metrics = self._collect_evaluation(
+                    grid, server_round, list(messages), timeout=timeout, traffic=traffic
+                )
+                if metrics is not None:
+                    result.evaluate_metrics_clientapp[server_round] = metrics
             if evaluate_fn is not None:
                 if (metrics := evaluate_fn(server_round, result.arrays)) is not None:
                     result.evaluate_metrics_serverapp[server_round] = metrics
@@ -302,8 +301,7 @@ class RoundStrategy(Strategy):
         traffic: Traffic | None = None,
     ) -> RoundPlan:
         """Attempt ``attempt`` at ``server_round``: its clients, model, config and ids."""
-        nodes = self.sample_nodes(grid, server_round, attempt, timeout=timeout)
-        log(INFO, "configure_train: round %d, clients %s", server_round, nodes)
+        nodes = self.round_nodes(grid, server_round, attempt, timeout=timeout)
         return RoundPlan(
             server_round=server_round,
             attempt=attempt,
@@ -315,6 +313,14 @@ class RoundStrategy(Strategy):
             timeout=timeout,
             traffic=traffic,
         )
+
+    def round_nodes(
+        self, grid: Grid, server_round: int, attempt: int, *, timeout: float
+    ) -> Sequence[int]:
+        """The clients of an attempt at a round: a seeded sample."""
+        nodes = self.sample_nodes(grid, server_round, attempt, timeout=timeout)
+        log(INFO, "configure_train: round %d, clients %s", server_round, nodes)
+        return nodes
 
     def train_message(self, plan: RoundPlan, node: int) -> Message:
         """A plain train message: the round's config and the shared global entries."""
@@ -372,16 +378,16 @@ class RoundStrategy(Strategy):
                     self.excluded |= failure.culprits
         return None
 
-    def _evaluate_on_clients(
+    def _collect_evaluation(
         self,
         grid: Grid,
         server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
+        messages: Sequence[Message],
+        *,
         timeout: float,
         traffic: Traffic,
     ) -> MetricRecord | None:
-        messages = list(self.configure_evaluate(server_round, arrays, config, grid))
+        """Send the evaluate messages; their replies aggregated, or None (a warning)."""
         if not messages:
             return None
         try:

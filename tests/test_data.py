@@ -1,4 +1,4 @@
-"""Specification of common/data.py."""
+"""Specification of common/experiment/data.py."""
 
 from __future__ import annotations
 

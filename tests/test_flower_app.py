@@ -16,7 +16,6 @@ from flwr.app import Message
 from client.app import app as client_app
 from common.experiment import task
 from common.experiment.config import RunConfig
-from common.fedtan import synced_round
 from common.protocol import (
     CONFIG_RECORD,
     LOCAL_STATS_META_RECORD,
@@ -55,16 +54,7 @@ def in_process_reference(cfg: RunConfig, num_clients: int) -> dict[str, torch.Te
     model = task.build_global_model(cfg)
     for r in range(1, cfg.num_rounds + 1):
         batches = task.every_client_batches(cfg, num_clients, r)
-        model.load_state_dict(
-            synced_round(
-                model,
-                batches,
-                task.loss_fn,
-                lr=cfg.lr_at(r),
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-            )
-        )
+        model.load_state_dict(task.engine_round(model, cfg, batches, r))
     return model.state_dict()
 
 

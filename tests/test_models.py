@@ -1,4 +1,4 @@
-"""Specification of common/models.py."""
+"""Specification of common/experiment/models.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Specification of common/partition.py."""
+"""Specification of common/experiment/partition.py."""
 
 from __future__ import annotations
 

@@ -143,10 +143,10 @@ def train_local(
     batches: Sequence[Batch],
     loss_fn: LossFn,
     *,
+    freeze_bn_stats: bool = False,
     lr: float,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
-    freeze_bn_stats: bool = False,
 ) -> list[float]:
     """E plain local steps (FedAvg's client), optionally with frozen BN statistics (FixBN)."""
     net = FrozenBNStats(model) if freeze_bn_stats else model

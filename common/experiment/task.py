@@ -16,7 +16,7 @@ from common.experiment.config import RunConfig
 from common.experiment.data import TensorDataset, eval_batches, load_dataset, round_batches
 from common.experiment.models import build_model
 from common.experiment.partition import partition
-from common.fedtan import Batch
+from common.fedtan import Batch, synced_round
 
 loss_fn = nn.CrossEntropyLoss()  # mean over the batch, as FedTAN's exactness requires
 
@@ -78,6 +78,22 @@ def every_client_batches(cfg: RunConfig, num_clients: int, server_round: int) ->
         )
         for k in range(num_clients)
     ]
+
+
+def engine_round(
+    model: nn.Module, cfg: RunConfig, batches: list[list[Batch]], server_round: int
+) -> dict[str, torch.Tensor]:
+    """Round ``server_round`` of ``cfg`` by the in-process engine from ``model``'s state, on
+    ``batches`` (``every_client_batches``): the new global state (``model`` keeps its own).
+    What every transport must reproduce."""
+    return synced_round(
+        model,
+        batches,
+        loss_fn,
+        lr=cfg.lr_at(server_round),
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 def build_global_model(cfg: RunConfig) -> nn.Module:

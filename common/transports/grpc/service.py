@@ -6,7 +6,7 @@ section 4). The ServerApp starts a ``BNSyncService``, opens a round for the clie
 train, sends each client the address and its credential in the train message, and closes the
 round when the replies are in. Each client's ``GrpcBNChannel`` meets the others' here.
 
-One unary method, ``/fedtan.BNSync/Reduce``; bytes in and out (``common.bn_wire``), no codegen.
+One unary method, ``/fedtan.BNSync/Reduce``; bytes in and out (``wire.py``), no codegen.
 A call blocks until every client of the round has contributed to the same exchange (sequence
 number, phase, layer), then all get the same combined value, computed by ``combine_moments`` /
 ``combine_grad_sums`` over the clients in the order given to ``open_round``, so the numbers are

@@ -34,7 +34,7 @@ _U32 = struct.Struct("<I")
 _F64 = np.dtype("<f8")
 _MAX_CHANNELS = 1 << 24  # refuses absurd sizes before allocating anything
 
-# The gRPC method of the BN sync service (server/bn_sync_service.py, client/bn_sync_client.py).
+# The gRPC method of the BN sync service (service.py, client.py).
 SERVICE_NAME = "fedtan.BNSync"
 REDUCE_METHOD = f"/{SERVICE_NAME}/Reduce"
 

@@ -28,7 +28,6 @@ from common.transports.base import (
     FailureKind,
     RoundFailure,
     RoundPlan,
-    RoundSync,
     Transport,
 )
 from common.transports.exchange import exchange
@@ -47,7 +46,7 @@ class MessagesTransport(Transport):
     def __init__(self, sync_points: SyncPoints) -> None:
         self.sync_points = sync_points
 
-    def open_round(self, grid: Grid, plan: RoundPlan) -> RoundSync:
+    def open_round(self, grid: Grid, plan: RoundPlan) -> DirectRound:
         union = sync_over_messages(grid, plan, self.sync_points)
         content = RecordDict({CONFIG_RECORD: plan.config, **union.to_records()})
         return DirectRound(
