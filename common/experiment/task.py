@@ -21,15 +21,23 @@ from common.fedtan import Batch, synced_round
 loss_fn = nn.CrossEntropyLoss()  # mean over the batch, as FedTAN's exactness requires
 
 
+def train_dataset(cfg: RunConfig) -> TensorDataset:
+    return _dataset(cfg.dataset, cfg.data_dir, cfg.seed, train=True)
+
+
+def eval_dataset(cfg: RunConfig) -> TensorDataset:
+    return _dataset(cfg.dataset, cfg.data_dir, cfg.seed, train=False)
+
+
 @functools.lru_cache(maxsize=4)
-def dataset(name: str, train: bool, data_dir: str, seed: int) -> TensorDataset:
+def _dataset(name: str, data_dir: str, seed: int, *, train: bool) -> TensorDataset:
     """Loaded once per process: reading CIFAR-10 for every message would cost seconds."""
-    return load_dataset(name, train, data_dir=data_dir, seed=seed)
+    return load_dataset(name, train=train, data_dir=data_dir, seed=seed)
 
 
 @functools.lru_cache(maxsize=8)
 def partitions(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
-    train = dataset(cfg.dataset, True, cfg.data_dir, cfg.seed)
+    train = train_dataset(cfg)
     return tuple(
         partition(
             train.labels.numpy(),
@@ -54,7 +62,7 @@ def client_batches(
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is not in [0, {num_partitions})")
     return round_batches(
-        dataset(cfg.dataset, True, cfg.data_dir, cfg.seed),
+        train_dataset(cfg),
         partitions(cfg, num_partitions)[partition_id],
         round_num=server_round,
         num_steps=local_steps,
@@ -98,7 +106,7 @@ def engine_round(
 
 def build_global_model(cfg: RunConfig) -> nn.Module:
     """The initial global model; seeded, so every process builds the same one."""
-    test = dataset(cfg.dataset, False, cfg.data_dir, cfg.seed)
+    test = eval_dataset(cfg)
     torch.manual_seed(cfg.seed)
     return build_model(
         cfg.model, in_channels=test.in_channels, num_classes=test.num_classes, norm=cfg.norm
@@ -107,7 +115,7 @@ def build_global_model(cfg: RunConfig) -> nn.Module:
 
 def example_batch(cfg: RunConfig, size: int = 4) -> Batch:
     """A few test samples, enough to trace the model's BN sync points."""
-    return next(eval_batches(dataset(cfg.dataset, False, cfg.data_dir, cfg.seed), size))
+    return next(eval_batches(eval_dataset(cfg), size))
 
 
 @torch.no_grad()
@@ -118,9 +126,7 @@ def evaluate(
     device = device or pick_device()
     model = model.to(device).eval()
     total_loss, correct, seen = 0.0, 0, 0
-    for inputs, targets in eval_batches(
-        dataset(cfg.dataset, False, cfg.data_dir, cfg.seed), batch_size
-    ):
+    for inputs, targets in eval_batches(eval_dataset(cfg), batch_size):
         inputs, targets = inputs.to(device), targets.to(device)
         logits = model(inputs)
         total_loss += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
