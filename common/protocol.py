@@ -8,6 +8,7 @@ anywhere else is a bug waiting for a rename.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
@@ -58,7 +59,9 @@ OWN_STATE = "own-state"  # the entries FedBN/SiloBN keep on the client
 # --- keys of the config record ---------------------------------------------------------------
 SERVER_ROUND = "server-round"  # Flower's own name for the round number
 SYNC_INDEX, SYNC_LAYER = "index", "layer"  # transport "messages": which sync point is asked
-FREEZE_BN_STATS = "freeze-bn-stats"  # FixBN after its switch round
+BATCH_SIZE, LOCAL_STEPS = "batch-size", "local-steps"  # protocol.TrainSettings
+LR, MOMENTUM, WEIGHT_DECAY = "lr", "momentum", "weight-decay"
+FREEZE_BN_STATS = "freeze-bn-stats"
 BN_SYNC_ADDRESS = "bn-sync-address"  # transport "grpc": what the client dials
 BN_SYNC_ROUND = "bn-sync-round"  # the service's round id (one per attempt)
 BN_SYNC_CREDENTIAL = "bn-sync-credential"  # this client's credential, for this round only
@@ -73,44 +76,39 @@ TEST_ACCURACY = "test-accuracy"
 PARTITION_ID = "partition-id"
 
 
+def _key(name: str) -> dataclasses.Field:
+    return dataclasses.field(metadata={"key": name})
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """What a client trains a round with; the server decides it (lr follows its schedule) and
-    the train message is the one place a client reads it from."""
+    the train message's config is the one place a client reads it from."""
 
-    batch_size: int
-    local_steps: int  # E: with FedTAN the first is synchronized
-    lr: float
-    momentum: float
-    weight_decay: float
-    freeze_bn_stats: bool = False  # FixBN: normalize with, and keep, the running statistics
-
-    _KEYS = {
-        "batch_size": "batch-size",
-        "local_steps": "local-steps",
-        "lr": "lr",
-        "momentum": "momentum",
-        "weight_decay": "weight-decay",
-        "freeze_bn_stats": FREEZE_BN_STATS,
-    }
+    batch_size: int = _key(BATCH_SIZE)
+    local_steps: int = _key(LOCAL_STEPS)  # E: with FedTAN the first is synchronized
+    lr: float = _key(LR)
+    momentum: float = _key(MOMENTUM)
+    weight_decay: float = _key(WEIGHT_DECAY)
+    # FixBN after its switch round: normalize with, and keep, the running statistics
+    freeze_bn_stats: bool = dataclasses.field(default=False, metadata={"key": FREEZE_BN_STATS})
 
     def to_config(self) -> dict[str, int | float | bool]:
-        return {key: getattr(self, name) for name, key in self._KEYS.items()}
+        return {f.metadata["key"]: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> TrainSettings:
         """Read the settings from a train message's config; a missing key is an error."""
-        try:
-            return cls(
-                batch_size=int(config["batch-size"]),
-                local_steps=int(config["local-steps"]),
-                lr=float(config["lr"]),
-                momentum=float(config["momentum"]),
-                weight_decay=float(config["weight-decay"]),
-                freeze_bn_stats=bool(config.get(FREEZE_BN_STATS, False)),
-            )
-        except KeyError as missing:
-            raise ValueError(f"the train message's config lacks {missing}") from None
+        values = {}
+        for f in dataclasses.fields(cls):
+            if (key := f.metadata["key"]) in config:
+                values[f.name] = _TYPES[f.type](config[key])
+            elif f.default is dataclasses.MISSING:
+                raise ValueError(f"the train message's config lacks {key!r}")
+        return cls(**values)
+
+
+_TYPES = {"int": int, "float": float, "bool": bool}  # TrainSettings' field types, by name
 
 
 # --- the phases of a synchronized step -------------------------------------------------------

@@ -26,6 +26,7 @@ from common.fedtan.aggregation import average_states, weighted_mean
 from common.protocol import (
     CONFIG_RECORD,
     EVALUATE_LOCAL,
+    LR,
     METRICS_RECORD,
     MODEL_RECORD,
     NUM_EXAMPLES,
@@ -280,7 +281,7 @@ class RoundStrategy(Strategy):
         """The train config of ``server_round``: its number and learning rate."""
         config = ConfigRecord({**config, SERVER_ROUND: server_round})
         if self.lr_schedule is not None:
-            config["lr"] = self.lr_schedule(server_round)
+            config[LR] = self.lr_schedule(server_round)
         return config
 
     def shared(self, arrays: ArrayRecord) -> ArrayRecord:
