@@ -88,7 +88,9 @@ class LocalGrid(Grid):
             reply = self.client_app(msg, self.contexts[node])
             if node in self.faults:  # a fault may also raise, as a failing ClientApp does
                 reply = self.faults[node](reply)
-        except Exception as error:  # noqa: BLE001 - Flower turns it into an error reply
+        except Exception as error:  # noqa: BLE001
+            # Flower's ClientApp runtime (flwr/supernode/runtime/run_clientapp.py) catches every
+            # Exception a ClientApp raises and sends an error reply instead; so does this grid.
             reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=msg)
         return None if reply is None else copy.deepcopy(reply)
 

@@ -15,6 +15,7 @@ from flwr.app import Message
 
 from client.app import app as client_app
 from common import task
+from common.bn_channel import BNSyncError
 from common.config import RunConfig
 from common.fedtan import synced_round
 from server.app import run_fedtan
@@ -130,7 +131,7 @@ def fail_with(reason: str):
 
 def retype(message_type: str):
     def fault(reply: Message) -> Message:
-        reply.metadata.__dict__["_message_type"] = message_type
+        reply.metadata.message_type = message_type
         return reply
 
     return fault
@@ -209,14 +210,14 @@ def test_a_client_without_the_rounds_model_refuses_a_stale_query(tmp_path):
     _, grid = run(tmp_path, **{"num-rounds": 1})
     later_query = next(m for m in grid.sent if m.metadata.message_type == "query.bn_backward")
     later_query.content.config_records["config"]["round"] = 7
-    with pytest.raises(Exception, match="no global model for round 7"):
+    with pytest.raises(BNSyncError, match="no global model for round 7"):
         client_app(later_query, grid.contexts[later_query.metadata.dst_node_id])
 
 
 def test_an_unknown_message_type_is_refused_by_the_client(tmp_path):
     _, grid = run(tmp_path, **{"num-rounds": 1})
     msg = grid.sent[0]
-    msg.metadata.__dict__["_message_type"] = "query.bn_sideways"
+    msg.metadata.message_type = "query.bn_sideways"
     with pytest.raises(ValueError, match="bn_sideways"):
         client_app(msg, grid.contexts[msg.metadata.dst_node_id])
 
