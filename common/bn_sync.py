@@ -158,6 +158,9 @@ def convert_federated_batchnorm(module: nn.Module) -> nn.Module:
     root is returned. A subclass that overrides ``forward`` is refused: its computation is not
     the one FedTAN synchronizes. So is a lazy layer that has not seen an input yet.
     """
+    # Check every layer before replacing any: a refused model is left as it was.
+    for path, child in module.named_modules():
+        _to_federated(child, path)
     return _swap_batchnorms(module, "", _to_federated)
 
 
