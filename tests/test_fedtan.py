@@ -23,6 +23,7 @@ from common.bn_sync import convert_federated_batchnorm, federated_batchnorm_laye
 from common.fedtan import synced_round, train_client
 from common.inprocess_channel import InProcessHub
 from common.models import build_model
+from tests.devices import device_params
 from tests.float_noise import assert_within_rounding_noise, relative_error
 from tests.recording_channel import RecordingChannel
 
@@ -303,13 +304,18 @@ SPEC_CASES = {
 }
 
 
+@device_params
 @pytest.mark.parametrize("name", SPEC_CASES, ids=SPEC_CASES)
-def test_one_round_equals_one_centralized_step_for(name):
-    model = make_model(name, torch.float64)
-    batches = make_batches(name, SPEC_CASES[name], torch.float64)
+def test_one_round_equals_one_centralized_step_for(name, device):
+    model = make_model(name, torch.float64).to(device)
+    batches = on_device(make_batches(name, SPEC_CASES[name], torch.float64), device)
     sgd = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
     got = synced_round(model, batches, nn.CrossEntropyLoss(), **sgd)
     assert_equals_centralized(got, model, batches, **sgd)
+
+
+def on_device(client_batches, device):
+    return [[(x.to(device), y.to(device)) for x, y in b] for b in client_batches]
 
 
 def test_one_sample_per_client():
@@ -368,13 +374,16 @@ LAYOUTS = {
 }
 
 
+@device_params
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS)
-def test_inputs_in_any_memory_layout(layout):
+def test_inputs_in_any_memory_layout(layout, device):
     name, relayout, memory_format = layout
-    model = make_model(name, torch.float64)
+    model = make_model(name, torch.float64).to(device)
     if memory_format is not None:
         model = model.to(memory_format=memory_format)
-    batches = make_batches(name, (3, 5, 2), torch.float64, layout=relayout)
+    # Laid out on the device itself: a copy across devices would not keep every layout.
+    batches = make_batches(name, (3, 5, 2), torch.float64, layout=lambda x: relayout(x.to(device)))
+    batches = on_device(batches, device)  # the targets
     assert all(not b[0][0].is_contiguous() for b in batches)
     got = synced_round(model, batches, nn.CrossEntropyLoss(), lr=0.1)
     assert_equals_centralized(got, model, batches, lr=0.1)
@@ -504,10 +513,11 @@ def test_refuses_a_client_without_batches():
         small_round([*batches, []])
 
 
-def test_refuses_an_empty_batch():
-    batches = make_batches("small_cnn", (3, 4), torch.float32, steps=2)
-    batches[1][1] = (batches[1][1][0][:0], batches[1][1][1][:0])
-    with pytest.raises(ValueError, match="client 1, step 1: empty batch"):
+@pytest.mark.parametrize("step", [0, 1], ids=["synchronized step", "local step"])
+def test_refuses_an_empty_batch_on_one_client(step):
+    batches = make_batches("small_cnn", (3, 4, 2), torch.float32, steps=2)
+    batches[1][step] = (batches[1][step][0][:0], batches[1][step][1][:0])
+    with pytest.raises(ValueError, match=f"client 1, step {step}: empty batch"):
         small_round(batches)
 
 
