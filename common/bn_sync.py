@@ -4,6 +4,12 @@
 ``BNChannel`` is attached (``with synchronized(model, channel):``) and the layer is in training
 mode, it normalizes with the statistics of the union of all clients' batches and splits its
 backward pass the same way. Otherwise (eval mode, or plain local steps) it *is* the torch layer.
+``convert_federated_batchnorm`` makes the same twin of any other BatchNorm class whose forward
+is torch's (``nn.SyncBatchNorm``, a user's subclass).
+
+Statistics are reduced, exchanged and applied in float32 at least, as torch's own kernels do for
+half inputs (autocast included); running statistics keep the parameters' dtype; outputs and
+input gradients keep the input's dtype and memory format.
 
 The math (shared doc, section 2): with xhat = (x - mu) / sqrt(var + eps) and g = dL/dy,
 
