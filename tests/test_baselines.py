@@ -82,20 +82,19 @@ def reference(
     return global_state, own
 
 
-def assert_is_the_definition(actual, cfg, keys=None, own_of=None):
+def assert_is_the_definition(actual, cfg, keys=None, own_of=None, references=None):
     """``actual`` is the method's reference state (the global one, or client ``own_of``'s own
     entries), to float32's own noise: no farther from the float64 reference than the float32
-    reference is."""
-    plain32, exact64 = (reference(cfg, dtype) for dtype in (torch.float32, torch.float64))
+    reference is. ``references``: the float32 and float64 ``reference(cfg)``, if at hand."""
+    plain32, exact64 = references or (reference(cfg, t) for t in (torch.float32, torch.float64))
     if own_of is None:
         plain32, exact64 = plain32[0], exact64[0]
     else:
         plain32, exact64 = plain32[1][own_of], exact64[1][own_of]
     keys = list(plain32) if keys is None else keys
     start = task.build_global_model(cfg).state_dict()
-    assert_within_rounding_noise(
-        *({k: s[k] for k in keys} for s in (actual, plain32, exact64, start))
-    )
+    states = (actual, plain32, exact64, start)
+    assert_within_rounding_noise(*({k: state[k] for k in keys} for state in states))
 
 
 def is_bn_key(key: str) -> bool:
@@ -132,13 +131,15 @@ def test_messages_give_the_method_computed_from_its_definition(tmp_path, method)
     overrides = {"num-rounds": 3, "fixbn-switch-round": 1}
     result, grid = run(tmp_path, method, **overrides)
     cfg = RunConfig.from_flower({**BASE, "method": method, **overrides})
-    global_state, own = reference(cfg)
+    references = reference(cfg), reference(cfg, torch.float64)
+    global_state, own = references[0]
     got = result.arrays.to_torch_state_dict()
     assert list(got) == list(global_state)
-    assert_is_the_definition(got, cfg, [k for k in global_state if k not in own[0]])
+    shared = [k for k in global_state if k not in own[0]]
+    assert_is_the_definition(got, cfg, shared, references=references)
     for k in range(K):  # what each client keeps is its own training's, never the server's
         if own[k]:
-            assert_is_the_definition(own_state(grid, k), cfg, own_of=k)
+            assert_is_the_definition(own_state(grid, k), cfg, own_of=k, references=references)
         else:
             assert OWN_KEY not in grid.contexts[1000 + k].state.array_records
 
