@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 
@@ -31,6 +32,7 @@ from common.fedtan.bn_sync import (
     synchronized,
 )
 from common.fedtan.inprocess import InProcessHub
+from tests.devices import device_params
 from tests.recording_channel import RecordingChannel
 
 # name: (torch class, federated class, input shape (B, C, ...))
@@ -74,15 +76,29 @@ def random_input(shape, dtype=torch.float32, seed=1):
     return (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
 
 
-def assert_same_state(a: nn.Module, b: nn.Module, exact: bool = True, **tol) -> None:
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    """Same keys, dtypes and values, bit for bit."""
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
     for key in sa:
         assert sa[key].dtype == sb[key].dtype, key
-        if exact:
-            assert torch.equal(sa[key], sb[key]), key
-        else:
-            torch.testing.assert_close(sa[key], sb[key], **tol, msg=key)
+        assert torch.equal(sa[key], sb[key]), key
+
+
+class DtypeRecordingChannel(RecordingChannel):
+    """Also records the dtypes of the vectors the client sends."""
+
+    def __init__(self, inner: BNChannel) -> None:
+        super().__init__(inner)
+        self.sent_dtypes: set[torch.dtype] = set()
+
+    def reduce_moments(self, layer: str, local: Moments) -> Moments:
+        self.sent_dtypes |= {local.mean.dtype, local.m2.dtype}
+        return super().reduce_moments(layer, local)
+
+    def reduce_grad_sums(self, layer: str, local: GradSums) -> GradSums:
+        self.sent_dtypes |= {local.sum_dy.dtype, local.sum_dy_xhat.dtype}
+        return super().reduce_grad_sums(layer, local)
 
 
 class ForbiddenChannel(BNChannel):
@@ -247,7 +263,90 @@ def test_has_batchnorm():
     assert not has_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 1), nn.GroupNorm(1, 2)))
 
 
+class NotedBatchNorm2d(nn.BatchNorm2d):
+    """A user's subclass that keeps torch's forward: it adds an attribute and a method."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features, momentum=0.25)
+        self.note = "kept"
+
+    def describe(self) -> str:
+        return f"{self.note} {self.num_features}"
+
+
+class DoublingBatchNorm2d(nn.BatchNorm2d):
+    """A subclass that computes something else in its forward."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(input)
+
+
+def test_convert_federates_subclasses_and_syncbatchnorm_and_revert_restores_their_classes():
+    model = nn.Sequential(
+        nn.BatchNorm2d(3),
+        NotedBatchNorm2d(3),
+        nn.SyncBatchNorm(3),  # a model written for DDP
+        nn.Sequential(NotedBatchNorm2d(3)),
+    )
+    classes = {n: type(m) for n, m in model.named_modules()}
+    tensors = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+    convert_federated_batchnorm(model)
+
+    layers = dict(federated_batchnorm_layers(model))
+    assert list(layers) == ["0", "1", "2", "3.0"]
+    for name, layer in layers.items():
+        assert isinstance(layer, classes[name]) and type(layer) is not classes[name], name
+    assert type(layers["0"]) is FederatedBatchNorm2d
+    assert type(layers["1"]) is type(layers["3.0"])  # one federated twin per class
+    assert layers["1"].describe() == "kept 3" and layers["1"].momentum == 0.25
+    now = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert list(now) == list(tensors) and all(now[n] is t for n, t in tensors.items())
+    # Converted twice: nothing changes.
+    assert dict(federated_batchnorm_layers(convert_federated_batchnorm(model))) == layers
+
+    reverted = revert_federated_batchnorm(model)
+    assert {n: type(m) for n, m in reverted.named_modules()} == classes
+    assert reverted[1].describe() == "kept 3" and "_sync" not in vars(reverted[1])
+    now = {n: t for n, t in [*reverted.named_parameters(), *reverted.named_buffers()]}
+    assert all(now[n] is t for n, t in tensors.items())
+
+
+def test_convert_refuses_a_subclass_that_overrides_forward_and_changes_nothing():
+    model = nn.Sequential(
+        nn.BatchNorm2d(3), nn.Sequential(nn.Conv2d(3, 3, 1), DoublingBatchNorm2d(3))
+    )
+    classes = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(
+        TypeError, match=r"layer '1\.1' is a tests\.test_bn_sync\.DoublingBatchNorm2d.*forward"
+    ):
+        convert_federated_batchnorm(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+
+
+def test_convert_refuses_an_uninitialized_lazy_batchnorm_and_accepts_it_once_initialized():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"layer '1' is a .*LazyBatchNorm2d.*not initialized"):
+        convert_federated_batchnorm(model)
+    model(torch.randn(4, 2, 3, 3))  # initializes it: it becomes a BatchNorm2d
+    assert type(convert_federated_batchnorm(model)[1]) is FederatedBatchNorm2d
+
+
 # --- 3. One client with a channel: an ordinary BN step --------------------------------------
+
+
+def assert_as_close_as_torch(got, plain, truth, name=""):
+    """``got`` is no farther from the float64 ``truth`` than 10 times torch's own result in the
+    same precision (``plain``) is, or than one float32 rounding of the quantity's size (the
+    least noise any computation in float32 or below has). In float64, to 1e-10 of its size."""
+    size = truth.abs().max().item()
+    error = (got.double() - truth.double()).abs().max().item()
+    if got.dtype == torch.float64:
+        assert error <= 1e-10 * size, (name, error, size)
+        return
+    own_noise = (plain.double() - truth.double()).abs().max().item()
+    floor = torch.finfo(torch.float32).eps * size
+    assert error <= 10 * max(own_noise, floor), (name, error, own_noise, floor)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -256,53 +355,71 @@ def test_has_batchnorm():
 def test_synced_step_with_one_client_is_an_ordinary_batchnorm_step(shape, variant, dtype):
     torch_cls, fed_cls, in_shape = shape
     ref, fed = make_pair(torch_cls, fed_cls, in_shape[1], variant, dtype=dtype)
-    ref.train(), fed.train()
-    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    ref64 = copy.deepcopy(ref).double()
     channel = RecordingChannel(InProcessHub(1).channel(0))
     for step in range(2):
         x = random_input(in_shape, dtype, seed=step)
-        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
         up = random_input(in_shape, dtype, seed=100 + step)
-        with synchronized(fed, channel):
-            out_fed = fed(xf)
-            (out_fed * up).sum().backward()
-        out_ref = ref(xr)
-        (out_ref * up).sum().backward()
-        torch.testing.assert_close(out_fed, out_ref, **tol)
-        torch.testing.assert_close(xf.grad, xr.grad, **tol)
-        for (name, p_ref), p_fed in zip(ref.named_parameters(), fed.parameters(), strict=True):
-            torch.testing.assert_close(p_fed.grad, p_ref.grad, **tol, msg=name)
-        assert_same_state(ref, fed, exact=False, **tol)
+        results = []
+        for layer, sync in ((fed, channel), (ref, None), (ref64, None)):
+            xi = x.clone().to(layer_dtype(layer)).requires_grad_()
+            with synchronized(layer, sync) if sync else contextlib.nullcontext():
+                out = layer.train()(xi)
+                (out * up.to(out.dtype)).sum().backward()
+            grads = [p.grad for p in layer.parameters()]
+            state = [t for t in layer.state_dict().values() if t.is_floating_point()]
+            results.append([out, xi.grad, *grads, *state])
+        for i, (got, plain, truth) in enumerate(zip(*results, strict=True)):
+            assert got.dtype == dtype, i
+            assert_as_close_as_torch(got, plain, truth, name=str(i))
+        fed_state, ref_state = fed.state_dict(), ref.state_dict()
+        assert list(fed_state) == list(ref_state)
+        assert all(
+            torch.equal(fed_state[k], v) for k, v in ref_state.items() if k.endswith("tracked")
+        )
     # Exactly two exchanges per layer and step: forward moments, backward gradient sums.
     assert channel.calls == [("forward", ""), ("backward", "")] * 2
+
+
+def layer_dtype(layer: nn.Module) -> torch.dtype:
+    return next(t.dtype for t in layer.state_dict().values() if t.is_floating_point())
 
 
 # --- 4. K clients: the gradient check of the backward split ---------------------------------
 
 
 def per_sample_loss(y: torch.Tensor, seed: int = 7) -> torch.Tensor:
-    """A smooth, non-linear loss per sample, so that g = dL/dy depends on y (and xhat)."""
+    """A smooth, non-linear loss per sample, so that g = dL/dy depends on y (and xhat).
+    Computed in float32 at least, as a loss under autocast is."""
     g = torch.Generator().manual_seed(seed)
-    flat = y.flatten(1)
-    proj = torch.randn(flat.size(1), 3, generator=g, dtype=y.dtype)
+    flat = y.flatten(1).to(torch.promote_types(y.dtype, torch.float32))
+    proj = torch.randn(flat.size(1), 3, generator=g, dtype=flat.dtype).to(y.device)
     return torch.sin(flat @ proj).sum(1) + 0.1 * (flat**2).sum(1)
 
 
-def run_synced_clients(template: nn.Module, xs: list[torch.Tensor]):
+def run_synced_clients(
+    template: nn.Module, xs: list[torch.Tensor], input_grad: bool = True, autocast=None
+):
     """Each client k, in its own thread, runs its batch through its copy of ``template``
-    synchronized with the others, with the loss = mean of per-sample losses over its own batch."""
+    synchronized with the others, with the loss = mean of per-sample losses over its own batch
+    (under ``torch.autocast`` to ``autocast`` if given). Returns the clients, inputs, outputs
+    and each client's recording channel."""
     hub = InProcessHub(len(xs), timeout=30)
     clients = [convert_federated_batchnorm(copy.deepcopy(template)).train() for _ in xs]
-    inputs = [x.clone().requires_grad_() for x in xs]
+    inputs = [x.clone().requires_grad_(input_grad) for x in xs]
+    channels = [DtypeRecordingChannel(hub.channel(k)) for k in range(len(xs))]
     outputs: list = [None] * len(xs)
     errors: list = [None] * len(xs)
 
     def work(k: int) -> None:
+        device = xs[k].device.type
         try:
-            with synchronized(clients[k], hub.channel(k)):
-                y = clients[k](inputs[k])
+            with synchronized(clients[k], channels[k]):
+                with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+                    y = clients[k](inputs[k])
+                    loss = per_sample_loss(y).mean()
                 with torch.autograd.set_multithreading_enabled(False):
-                    per_sample_loss(y).mean().backward()
+                    loss.backward()
             outputs[k] = y.detach()
         except BaseException as error:  # noqa: BLE001 - re-raised below
             errors[k] = error
@@ -317,7 +434,7 @@ def run_synced_clients(template: nn.Module, xs: list[torch.Tensor]):
     for error in errors:
         if error is not None:
             raise error
-    return clients, inputs, outputs
+    return clients, inputs, outputs, channels
 
 
 GRAD_CASES = {
@@ -358,7 +475,7 @@ def test_backward_split_over_three_clients_matches_autograd_on_the_union(case):
         ref.bias.copy_(torch.randn(channels, generator=g))
     template = copy.deepcopy(ref)
 
-    clients, inputs, outputs = run_synced_clients(template, xs)
+    clients, inputs, outputs, _ = run_synced_clients(template, xs)
 
     x_all = torch.cat(xs).requires_grad_()
     y_all = ref.train()(x_all)
@@ -404,3 +521,141 @@ def test_synced_function_gradcheck_with_one_client(affine):
 
         inputs = (x,)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# --- 5. Every device, memory format and precision torch's BN accepts -------------------------
+# Each case runs on the CPU and, where present, on CUDA, whose BN kernels take other paths
+# (2-D input, channels_last, H*W == 1 and inputs without gradient use its unfused backward).
+
+
+def union_reference(template: nn.Module, xs: list[torch.Tensor], input_grad=True, autocast=None):
+    """torch's BN (a copy of ``template``) on the concatenation of ``xs``, with the loss of
+    ``run_synced_clients``: the mean of the per-sample losses over the union."""
+    ref = copy.deepcopy(template).train()
+    x_all = torch.cat([x.detach() for x in xs]).requires_grad_(input_grad)
+    device = x_all.device.type
+    with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+        y_all = ref(x_all)
+        loss = per_sample_loss(y_all).mean()
+    loss.backward()
+    return ref, x_all, y_all.detach()
+
+
+def compared_quantities(clients, inputs, outputs, sizes):
+    """What must equal the union's BN, per client, put in the union's terms: outputs, input
+    gradients times the client's share, running statistics; and the share-weighted sums of the
+    clients' gamma and beta gradients."""
+    total = sum(sizes)
+    shares = [b / total for b in sizes]
+    out = {"output": torch.cat(outputs)}
+    if inputs[0].grad is not None:
+        out["input grad"] = torch.cat([x.grad * s for x, s in zip(inputs, shares, strict=True)])
+    for name in ("running_mean", "running_var"):
+        out[name] = torch.stack([getattr(c, name) for c in clients])
+    for name in ("weight", "bias"):
+        grads = [getattr(c, name).grad * s for c, s in zip(clients, shares, strict=True)]
+        out[f"{name} grad"] = sum(grads)
+    return out
+
+
+def reference_quantities(ref, x_all, y_all, num_clients):
+    out = {"output": y_all}
+    if x_all.grad is not None:
+        out["input grad"] = x_all.grad
+    for name in ("running_mean", "running_var"):
+        out[name] = getattr(ref, name).expand(num_clients, -1)
+    out["weight grad"], out["bias grad"] = ref.weight.grad, ref.bias.grad
+    return out
+
+
+def make_clients_data(sample_shape, sizes, device, dtype=torch.float64, scale=2.0, shift=1.0):
+    g = torch.Generator().manual_seed(11)
+    return [
+        (torch.randn(b, *sample_shape, generator=g) * scale * (1 + k) + shift * (k + 1)).to(
+            device, dtype
+        )
+        for k, b in enumerate(sizes)
+    ]
+
+
+def make_layer(torch_cls, channels, device):
+    g = torch.Generator().manual_seed(12)
+    layer = torch_cls(channels, momentum=0.3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+        layer.bias.copy_(torch.randn(channels, generator=g))
+    return layer.to(device)
+
+
+LAYOUT_CASES = {
+    # name: (torch class, sample shape, memory format, input needs a gradient)
+    "2-D input": (nn.BatchNorm1d, (5,), None, True),
+    "2-D input without input gradient": (nn.BatchNorm1d, (5,), None, False),
+    "H*W == 1": (nn.BatchNorm2d, (5, 1, 1), None, True),
+    "channels_last": (nn.BatchNorm2d, (5, 3, 2), torch.channels_last, True),
+    "channels_last without input gradient": (nn.BatchNorm2d, (5, 3, 2), torch.channels_last, False),
+    "channels_last_3d": (nn.BatchNorm3d, (5, 2, 3, 2), torch.channels_last_3d, True),
+}
+
+
+@device_params
+@pytest.mark.parametrize("case", LAYOUT_CASES.values(), ids=LAYOUT_CASES)
+def test_layouts_match_batchnorm_on_the_union_and_keep_their_memory_format(device, case):
+    torch_cls, sample_shape, memory_format, input_grad = case
+    sizes = (2, 5, 3)
+    xs = make_clients_data(sample_shape, sizes, device)
+    if memory_format is not None:
+        xs = [x.contiguous(memory_format=memory_format) for x in xs]
+    template = make_layer(torch_cls, sample_shape[0], device).double()
+
+    clients, inputs, outputs, channels = run_synced_clients(template, xs, input_grad=input_grad)
+    ref, x_all, y_all = union_reference(template, xs, input_grad)
+
+    got = compared_quantities(clients, inputs, outputs, sizes)
+    expected = reference_quantities(ref, x_all, y_all, len(sizes))
+    assert list(got) == list(expected) and ("input grad" in got) == input_grad
+    for name, value in expected.items():
+        scale = value.abs().max().item()
+        assert (got[name] - value).abs().max().item() <= 1e-10 * scale, name
+    # Without an input gradient there is nothing to exchange backward.
+    assert channels[0].calls == [("forward", "")] + [("backward", "")] * input_grad
+    if memory_format is not None:
+        assert all(y.is_contiguous(memory_format=memory_format) for y in outputs)
+        if input_grad:
+            assert all(x.grad.is_contiguous(memory_format=memory_format) for x in inputs)
+
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@device_params
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES.values(), ids=AUTOCAST_DTYPES)
+def test_autocast_trains_like_torch_batchnorm_under_autocast(device, dtype):
+    """Under autocast a BN layer sees a half input (the output of an autocast convolution) and
+    keeps float32 parameters and running statistics. The inputs here are large (about 300,
+    spread 100): their squared deviations overflow float16 unless reduced in float32."""
+    sizes = (2, 5, 3)
+    xs = make_clients_data((4, 3, 4), sizes, device, dtype=dtype, scale=100.0, shift=300.0)
+    template = make_layer(nn.BatchNorm2d, 4, device)
+
+    clients, inputs, outputs, channels = run_synced_clients(template, xs, autocast=dtype)
+    ref_low, x_low, y_low = union_reference(template, xs, autocast=dtype)
+    # The truth: the same layer and the same input values in float64.
+    ref64, x64, y64 = union_reference(template.double(), [x.double() for x in xs])
+
+    assert all(
+        y.dtype == dtype and x.grad.dtype == dtype for y, x in zip(outputs, inputs, strict=True)
+    )
+    for client in clients:
+        assert all(
+            t.dtype == torch.float32 for t in client.state_dict().values() if t.is_floating_point()
+        )
+        assert client.weight.grad.dtype == client.bias.grad.dtype == torch.float32
+    assert all(c.sent_dtypes == {torch.float32} for c in channels)
+
+    got = compared_quantities(clients, inputs, outputs, sizes)
+    torch_low = reference_quantities(ref_low, x_low, y_low, len(sizes))
+    exact = reference_quantities(ref64, x64, y64, len(sizes))
+    for name, truth in exact.items():
+        assert bool(torch.isfinite(got[name]).all()), name
+        assert_as_close_as_torch(got[name], torch_low[name], truth, name)

@@ -49,7 +49,7 @@ from server.processes import (
     write_flower_config,
     write_run_config,
 )
-from tests.test_flower_app import in_process_reference
+from tests.test_flower_app import assert_is_the_in_process_model
 
 APP_DIR = Path(__file__).resolve().parents[1]
 SIMULATION_TIMEOUT_S = float(os.environ.get("FEDTAN_SIMULATION_TEST_TIMEOUT_S", 300))
@@ -75,14 +75,10 @@ def reference_config(run_config: dict) -> RunConfig:
     return RunConfig.from_flower({**defaults, **run_config})
 
 
-def assert_same_model(path: Path, expected: dict[str, torch.Tensor]) -> None:
-    actual = torch.load(path, map_location="cpu")
-    assert list(actual) == list(expected), "state_dict keys differ"
-    for key, value in expected.items():
-        assert actual[key].dtype == value.dtype, f"{key}: {actual[key].dtype} != {value.dtype}"
-        torch.testing.assert_close(
-            actual[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}"
-        )
+def assert_same_model(path: Path, cfg: RunConfig, num_clients: int) -> None:
+    """The saved model is the in-process engine's, to float32's own noise (other processes
+    may use other thread counts, so the float32 arithmetic may differ in order)."""
+    assert_is_the_in_process_model(torch.load(path, map_location="cpu"), cfg, num_clients)
 
 
 def read_summary(out: Path, procs, deadline: Deadline) -> dict:
@@ -182,8 +178,7 @@ def test_simulation_on_ray_actors_gives_the_in_process_engine_model(tmp_path, tr
         print(f"run {run_s:.0f} s, teardown {deadline.elapsed() - run_s:.0f} s", *killed, sep="\n")
 
     assert len(actors) >= 2, f"expected a pool of Ray actors, saw {sorted(actors)}"
-    expected = in_process_reference(reference_config(run_config), 3)
-    assert_same_model(out / "model.pt", expected)
+    assert_same_model(out / "model.pt", reference_config(run_config), 3)
     print(f"total {deadline.elapsed():.0f} s; Ray actor pids {sorted(actors)}")
 
 
@@ -213,6 +208,5 @@ def test_deployment_superlink_and_two_supernodes_give_the_in_process_engine_mode
         killed = stop_processes(procs)
         print(f"run {run_s:.0f} s, teardown {deadline.elapsed() - run_s:.0f} s", *killed, sep="\n")
 
-    expected = in_process_reference(reference_config(run_config), 2)
-    assert_same_model(out / "model.pt", expected)
+    assert_same_model(out / "model.pt", reference_config(run_config), 2)
     print(f"total {deadline.elapsed():.0f} s")

@@ -4,6 +4,12 @@
 ``BNChannel`` is attached (``with synchronized(model, channel):``) and the layer is in training
 mode, it normalizes with the statistics of the union of all clients' batches and splits its
 backward pass the same way. Otherwise (eval mode, or plain local steps) it *is* the torch layer.
+``convert_federated_batchnorm`` makes the same twin of any other BatchNorm class whose forward
+is torch's (``nn.SyncBatchNorm``, a user's subclass).
+
+Statistics are reduced, exchanged and applied in float32 at least, as torch's own kernels do for
+half inputs (autocast included); running statistics keep the parameters' dtype; outputs and
+input gradients keep the input's dtype and memory format.
 
 The math (shared doc, section 2): with xhat = (x - mu) / sqrt(var + eps) and g = dL/dy,
 
@@ -18,7 +24,7 @@ which is in the union's scale, enters its formula as S / n_k.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -34,37 +40,46 @@ class _SyncedBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, channel, layer):
         dims = [0, *range(2, x.dim())]
         count = x.numel() // x.size(1)
+        # Statistics are reduced, exchanged and applied in float32 at least, as torch's BN
+        # kernels do for half inputs (autocast included): squared deviations overflow float16.
+        acc = torch.promote_types(x.dtype, torch.float32)
         # Two passes (mean, then squared deviations): on CPU about 10x faster than
         # torch.var_mean over these dims, and as accurate.
-        mean = x.mean(dims)
-        m2 = (x - _per_channel(mean, x)).pow_(2).sum(dims)
+        mean = x.mean(dims, dtype=acc)
+        m2 = (x - _per_channel(mean, x)).pow_(2).sum(dims, dtype=acc)
         union = channel.reduce_moments(layer, Moments(count, mean, m2))
 
         # The union statistics may arrive on another device (a transport works on the CPU).
-        mean, var = (v.to(x.device, x.dtype) for v in (union.mean, union.var))
+        mean, var = (v.to(x.device, acc) for v in (union.mean, union.var))
         if running_mean is not None:
             # PyTorch's convention: the running variance is unbiased over the union batch.
             unbiased = var * (union.count / max(union.count - 1, 1))
-            running_mean.lerp_(mean, momentum)
-            running_var.lerp_(unbiased, momentum)
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
 
+        # With every parameter in `acc`, the native kernels run in their mixed-precision mode
+        # for a half input (a no-op cast otherwise): one code path on every device and dtype.
+        weight_acc = torch.ones_like(mean) if weight is None else weight.to(acc)
+        bias_acc = None if bias is None else bias.to(acc)
         # One fused native pass: BN in its eval form, with the union's statistics.
-        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        out = torch.batch_norm(x, weight_acc, bias_acc, mean, var, False, 0.0, eps, False)
 
-        ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_backward(x, weight_acc, mean, var, torch.rsqrt(var + eps))
         ctx.eps, ctx.channel, ctx.layer = eps, channel, layer
         ctx.count, ctx.share = count, share_of_union(count, union.count)
+        ctx.param_dtype = None if weight is None else weight.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, var = ctx.saved_tensors
-        w = torch.ones_like(mean) if weight is None else weight
+        x, w, mean, var, invstd = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]
         # One fused native pass gives this client's sums S1 = sum g (eval-mode grad_bias) and
         # S2 = sum g * xhat (eval-mode grad_weight), and gamma * invstd * g (eval grad_input).
+        # The saved mean and invstd must be passed: CUDA's unfused path (2-D or channels_last
+        # input, no input gradient) asserts on them.
         scaled_g, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, w, mean, var, None, None, False, ctx.eps, [need_x, True, True]
+            grad_out, x, w, mean, var, mean, invstd, False, ctx.eps, [need_x, True, True]
         )
 
         grad_x = None
@@ -73,19 +88,19 @@ class _SyncedBatchNormFunction(torch.autograd.Function):
                 ctx.layer, GradSums(sum_dy * ctx.share, sum_dy_xhat * ctx.share)
             )
             s1, s2 = (
-                v.to(grad_out.device, grad_out.dtype) / ctx.count
+                v.to(grad_out.device, mean.dtype) / ctx.count
                 for v in (union.sum_dy, union.sum_dy_xhat)
             )
             # gamma * invstd * (g - s1 - xhat * s2): the xhat term in one fused pass.
-            scale = w * torch.rsqrt(var + ctx.eps)
+            scale = w * invstd
             correction = torch.batch_norm(
                 x, -scale * s2, -scale * s1, mean, var, False, 0.0, ctx.eps, False
             )
             grad_x = scaled_g.add_(correction)
 
         # gamma and beta only see this client's samples: their local sums are their gradients.
-        grad_weight = sum_dy_xhat if ctx.needs_input_grad[1] else None
-        grad_bias = sum_dy if ctx.needs_input_grad[2] else None
+        grad_weight = sum_dy_xhat.to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = sum_dy.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -130,26 +145,34 @@ class FederatedBatchNorm3d(_FederatedBatchNorm, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` that can normalize over the union of several clients' batches."""
 
 
-_TO_FEDERATED: dict[type[nn.Module], type[nn.Module]] = {
+# The forward methods whose computation the federated layer reproduces: torch's BN, and
+# SyncBatchNorm's, which is the same outside a process group.
+_KNOWN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+_federated_classes: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: FederatedBatchNorm1d,
     nn.BatchNorm2d: FederatedBatchNorm2d,
     nn.BatchNorm3d: FederatedBatchNorm3d,
 }
-_TO_TORCH = {fed: torch_cls for torch_cls, fed in _TO_FEDERATED.items()}
 
 
 def convert_federated_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by its federated twin.
+    """Make every BatchNorm layer of ``module`` federated.
 
-    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: children are replaced in place, the new
-    layers share the old layers' parameters and buffers, and the (possibly new) root is returned.
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: every instance of torch's ``_BatchNorm``
+    (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and their subclasses) is replaced in place, the
+    new layer shares the old one's parameters, buffers and attributes, and the (possibly new)
+    root is returned. A subclass that overrides ``forward`` is refused: its computation is not
+    the one FedTAN synchronizes. So is a lazy layer that has not seen an input yet.
     """
-    return _swap_batchnorms(module, _TO_FEDERATED)
+    # Check every layer before replacing any: a refused model is left as it was.
+    for path, child in module.named_modules():
+        _to_federated(child, path)
+    return _swap_batchnorms(module, "", _to_federated)
 
 
 def revert_federated_batchnorm(module: nn.Module) -> nn.Module:
-    """Inverse of ``convert_federated_batchnorm``: back to plain torch BatchNorm layers."""
-    return _swap_batchnorms(module, _TO_TORCH)
+    """Inverse of ``convert_federated_batchnorm``: every layer gets its original class back."""
+    return _swap_batchnorms(module, "", _to_original)
 
 
 def federated_batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -182,26 +205,62 @@ def synchronized(model: nn.Module, channel: BNChannel) -> Iterator[nn.Module]:
             layer._sync = None
 
 
-def _swap_batchnorms(module: nn.Module, mapping: dict[type, type]) -> nn.Module:
-    out = module
-    target = mapping.get(type(module))
-    if target is not None:
-        out = target(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
+def _to_federated(module: nn.Module, path: str) -> type[nn.Module] | None:
+    if isinstance(module, _FederatedBatchNorm) or not isinstance(
+        module, nn.modules.batchnorm._BatchNorm
+    ):
+        return None
+    cls = type(module)
+    where = f"layer {path!r}" if path else "the model itself"
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise ValueError(
+            f"{where} is a {_class_name(cls)} that is not initialized yet: "
+            "run one forward pass before convert_federated_batchnorm"
         )
-        if module.affine:
-            out.weight, out.bias = module.weight, module.bias
-        # Share the buffers (None stays None when running stats are not tracked).
-        out.running_mean = module.running_mean
-        out.running_var = module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
+    if cls.forward not in _KNOWN_FORWARDS:
+        raise TypeError(
+            f"{where} is a {_class_name(cls)}, which overrides forward(): FedTAN cannot "
+            "synchronize a computation it does not know; derive from the torch class without "
+            "overriding forward, or keep the layer out of the model"
+        )
+    if cls not in _federated_classes:
+        # One federated twin per user class, so that its own methods and attributes remain.
+        _federated_classes[cls] = type(
+            f"Federated{cls.__name__}",
+            (_FederatedBatchNorm, cls),
+            {"__module__": __name__, "__doc__": f"Federated {_class_name(cls)}."},
+        )
+    return _federated_classes[cls]
+
+
+def _to_original(module: nn.Module, path: str) -> type[nn.Module] | None:
+    if not isinstance(module, _FederatedBatchNorm):
+        return None
+    # The federated class is (_FederatedBatchNorm, original): the original is next in the MRO.
+    mro = type(module).__mro__
+    return mro[mro.index(_FederatedBatchNorm) + 1]
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _swap_batchnorms(
+    module: nn.Module, path: str, target_class: Callable[[nn.Module, str], type[nn.Module] | None]
+) -> nn.Module:
+    out = module
+    target = target_class(module, path)
+    if target is not None:
+        # A new object of the target class over the same tensors and attributes; the module
+        # dicts are copied so that swapping the new layer's children leaves the old one intact.
+        out = target.__new__(target)
+        out.__dict__.update(
+            {k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()}
+        )
+        out.__dict__.pop("_sync", None)  # a channel attachment is no part of the layer
     for name, child in module.named_children():
-        out.add_module(name, _swap_batchnorms(child, mapping))
+        child_path = f"{path}.{name}" if path else name
+        out.add_module(name, _swap_batchnorms(child, child_path, target_class))
     return out
 
 
