@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from common.config import RunConfig
 from common.data import TensorDataset, eval_batches, load_dataset, round_batches
@@ -101,16 +101,24 @@ def evaluate(
     """Test loss and accuracy of ``model`` in eval mode (BN uses its running statistics)."""
     device = device or pick_device()
     model = model.to(device).eval()
-    total_loss, correct, seen = 0.0, 0, 0
-    for inputs, targets in eval_batches(
-        dataset(cfg.dataset, False, cfg.data_dir, cfg.seed), batch_size
-    ):
-        inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(inputs)
-        total_loss += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        correct += int((logits.argmax(1) == targets).sum())
-        seen += len(targets)
-    return {"test-loss": total_loss / seen, "test-accuracy": correct / seen}
+    inputs, targets = eval_set(cfg.dataset, cfg.data_dir, cfg.seed, device)
+    # Summed on the device and read once at the end: a read per batch would wait each time.
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, len(targets), batch_size):
+        x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+        logits = model(x)
+        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+    seen = len(targets)
+    return {"test-loss": total_loss.item() / seen, "test-accuracy": correct.item() / seen}
+
+
+@functools.lru_cache(maxsize=2)
+def eval_set(name: str, data_dir: str, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The normalized test set on ``device``, made once per process: every evaluation reuses it."""
+    test = dataset(name, False, data_dir, seed)
+    return test.normalize(test.images).to(device), test.labels.to(device)
 
 
 def pick_device() -> torch.device:

@@ -9,12 +9,16 @@
   refuses a bad contribution naming the client.
 * ``train_client`` reads no loss during the round.
 * ``average_states`` is the sample-weighted mean of every entry, computed in float64.
+* ``task.evaluate`` normalizes the test set once per process and device, and reads the device
+  once per quantity, not once per batch.
 """
 
 from __future__ import annotations
 
 import copy
+import tomllib
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +26,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import common.fedtan as fedtan
+from common import task
 from common.aggregation import average_states
 from common.bn_channel import BNSyncError, GradSums, Moments, combine_grad_sums, combine_moments
+from common.config import RunConfig
+from common.data import TensorDataset, eval_batches
 from common.fedtan import ClientReplicas, synced_round, train_client
 from common.models import build_model
 
@@ -276,3 +283,38 @@ def test_average_states_is_the_weighted_mean_of_every_entry_in_float64():
             assert bool(((got[key].double() - exact).abs() <= bound).all()), key
         else:
             assert torch.equal(got[key], exact.round().to(ref.dtype)), key
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+
+def test_evaluation_prepares_the_test_set_once_and_reads_the_device_twice(monkeypatch):
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    defaults = pyproject["tool"]["flwr"]["app"]["config"]
+    cfg = RunConfig.from_flower({**defaults, "dataset": "digits", "model": "small_cnn"})
+    model = task.build_global_model(cfg)
+    with torch.no_grad():  # running statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+    task.eval_set.cache_clear()
+    with ScalarReads() as reads:
+        got = task.evaluate(model, cfg, torch.device("cpu"), batch_size=100)
+    assert reads.count == 2  # the summed loss and the count of correct answers, once each
+
+    # The definition: per-batch loss sums and hits over the normalized test set, in order.
+    test = task.dataset(cfg.dataset, False, cfg.data_dir, cfg.seed)
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for x, y in eval_batches(test, 100):
+            logits = model(x)
+            loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    assert got == {"test-loss": loss / len(test), "test-accuracy": correct / len(test)}
+
+    def refuse(*_args):
+        raise AssertionError("the test set was normalized again")
+
+    monkeypatch.setattr(TensorDataset, "normalize", refuse)
+    assert task.evaluate(model, cfg, torch.device("cpu"), batch_size=100) == got
