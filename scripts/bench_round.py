@@ -16,9 +16,9 @@ would show), target ratio <= 1.5; B = 128 the reference's batch, target <= 1.0.
     python scripts/bench_round.py --device cuda --batch 2 128
 
 On CUDA every timer read follows ``torch.cuda.synchronize()``, so the times include all the work
-queued; the peak memory is ``torch.cuda.max_memory_allocated`` of each run. On the CPU it is the
-process's peak resident set during each run (Linux: VmHWM, reset before each run), which includes
-the Python process and torch itself.
+queued. The memory printed is what a run adds at its peak to what was in use when it started:
+``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the process's peak resident set (Linux:
+VmHWM, reset before each run; elsewhere the process's whole peak).
 
 ``--local`` also times K unsynchronized local steps of B samples in K threads (FedAvg's round
 with E = 1), which separates the cost of the exchanges from the cost of running K threads.
@@ -100,7 +100,8 @@ def local_steps_in_threads(model: nn.Module, batches, lr: float) -> None:
 
 
 class Clock:
-    """Wall and CPU seconds and peak memory of one call, all queued device work included."""
+    """Wall and CPU seconds of one call, all queued device work included, and its peak memory
+    above what was in use when it started (MiB)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -111,35 +112,38 @@ class Clock:
 
     def __call__(self, fn: Callable[[], object]) -> tuple[float, float, float]:
         self._sync()
-        self._reset_peak()
+        start_mib = self._reset_peak()
         wall, cpu = time.perf_counter(), time.process_time()
         fn()
         self._sync()
-        return time.perf_counter() - wall, time.process_time() - cpu, self._peak_mib()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        return wall, cpu, self._peak_mib() - start_mib
 
-    def _reset_peak(self) -> None:
+    def _reset_peak(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            _reset_peak_rss()
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _reset_peak_rss()
 
     def _peak_mib(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return _peak_rss_mib()
+        return _proc_status_mib("VmHWM")
 
 
-def _reset_peak_rss() -> None:
-    try:  # Linux: writing 5 to clear_refs resets the peak resident set (VmHWM)
+def _reset_peak_rss() -> float:
+    """Reset the peak resident set to the current one (Linux), and return that."""
+    try:
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # then the peak is the process's since it started
+        return _proc_status_mib("VmRSS")
+    except OSError:  # no reset: the peak is the process's, measured from zero
+        return 0.0
 
 
-def _peak_rss_mib() -> float:
+def _proc_status_mib(field: str) -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -191,13 +195,13 @@ def bench_regime(args: argparse.Namespace, batch: int, device: torch.device) -> 
 
     wall = {name: statistics.median(w for w, _, _ in ts) for name, ts in times.items()}
     cpu = {name: statistics.median(c for _, c, _ in ts) for name, ts in times.items()}
-    memory = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
+    memory = "max_memory_allocated" if device.type == "cuda" else "RSS"
     for name, ts in times.items():
         runs_s = " ".join(f"{w:.3f}" for w, _, _ in ts)
         peak = max(m for _, _, m in ts)
         print(
             f"{name:>18}: median {wall[name]:.4f} s wall, {cpu[name]:.4f} s CPU, "
-            f"{memory} {peak:.0f} MiB   (wall runs: {runs_s})"
+            f"peak +{peak:.0f} MiB {memory}   (wall runs: {runs_s})"
         )
     ratio = wall["fedtan_round"] / wall["centralized_step"]
     target = TARGETS.get(batch)
