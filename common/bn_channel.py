@@ -89,8 +89,9 @@ def combine_moments(layer: str, parts: Mapping[Hashable, Moments]) -> Moments:
     for sender, part in parts.items():
         _check_count(sender, layer, part)
         _check_vectors(sender, layer, mean=part.mean, m2=part.m2)
-    means = torch.stack([p.mean.double() for p in parts.values()])
-    m2s = torch.stack([p.m2.double() for p in parts.values()])
+    # One stack and one cast for all clients (float16/32 to float64 is exact).
+    stacked = torch.stack([v for p in parts.values() for v in (p.mean, p.m2)]).double()
+    means, m2s = stacked.view(len(parts), 2, -1).unbind(1)
     if not bool(_moments_ok(means, m2s)):
         for sender, part in parts.items():
             check_moments(sender, layer, part)
@@ -107,13 +108,11 @@ def combine_grad_sums(layer: str, parts: Mapping[Hashable, GradSums]) -> GradSum
     _check_same_shape(layer, {k: p.sum_dy for k, p in parts.items()})
     for sender, part in parts.items():
         _check_vectors(sender, layer, sum_dy=part.sum_dy, sum_dy_xhat=part.sum_dy_xhat)
-    stacked = torch.stack(
-        [torch.stack([p.sum_dy.double(), p.sum_dy_xhat.double()]) for p in parts.values()]
-    )
+    stacked = torch.stack([v for p in parts.values() for v in (p.sum_dy, p.sum_dy_xhat)]).double()
     if not bool(_finite(stacked)):
         for sender, part in parts.items():
             check_grad_sums(sender, layer, part)
-    sum_dy, sum_dy_xhat = stacked.sum(0)
+    sum_dy, sum_dy_xhat = stacked.view(len(parts), 2, -1).sum(0)
     return GradSums(sum_dy, sum_dy_xhat)
 
 
@@ -157,8 +156,8 @@ def _finite(*vectors: Tensor) -> Tensor:
 
 
 def _moments_ok(mean: Tensor, m2: Tensor) -> Tensor:
-    # m2 >= 0 is False for NaN; isfinite catches +inf.
-    return _finite(mean, m2) & (m2 >= 0).all()
+    # m2 >= 0 is False for NaN and m2 < inf is False for +inf.
+    return torch.isfinite(mean).all() & ((m2 >= 0) & (m2 < torch.inf)).all()
 
 
 def _refuse_values(sender: Hashable, layer: str, **vectors: Tensor) -> None:
