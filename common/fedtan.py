@@ -77,23 +77,29 @@ class ClientReplicas:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._replicas: list[nn.Module] = []
+        self._tensors: list[dict[str, Tensor]] = []  # each replica's parameters and buffers
         self._states: list[dict[str, Tensor]] = []  # live views of each replica's state
 
     def for_round(self, num_clients: int) -> list[tuple[nn.Module, dict[str, Tensor]]]:
         """``num_clients`` replicas, each loaded with ``model``'s state, with their state dicts."""
-        source = self.model.state_dict()
-        if self._states and not _same_layout(source, self._states[0]):
-            # The model's entries changed (another device, dtype or shape): start again.
-            self._replicas, self._states = [], []
+        source = _parameters_and_buffers(self.model)
+        if self._tensors and not _same_layout(source, self._tensors[0]):
+            # The model's tensors changed (another device, dtype or shape): start again.
+            self._replicas, self._tensors, self._states = [], [], []
         while len(self._replicas) < num_clients:
             replica = convert_federated_batchnorm(copy.deepcopy(self.model))
             self._replicas.append(replica)
+            self._tensors.append(_parameters_and_buffers(replica))
             self._states.append(replica.state_dict())
-        states = self._states[:num_clients]
         with torch.no_grad():
-            targets = [t for state in states for t in state.values()]
+            targets = [t for tensors in self._tensors[:num_clients] for t in tensors.values()]
             torch._foreach_copy_(targets, list(source.values()) * num_clients)
-        return list(zip(self._replicas[:num_clients], states, strict=True))
+        return list(zip(self._replicas[:num_clients], self._states[:num_clients], strict=True))
+
+
+def _parameters_and_buffers(model: nn.Module) -> dict[str, Tensor]:
+    # Non-persistent buffers too: a fresh copy would have them.
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
 def _same_layout(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:

@@ -183,6 +183,28 @@ def test_replicas_follow_a_model_moved_to_another_dtype():
     assert_states_equal(got, synced_round(model, batches, nn.CrossEntropyLoss(), **SGD))
 
 
+class Scaled(nn.Module):
+    """A BN net whose input scale is a non-persistent buffer: not in its state_dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.register_buffer("scale", torch.tensor(1.0, dtype=torch.float64), persistent=False)
+
+    def forward(self, x):
+        return self.net(x * self.scale)
+
+
+def test_replicas_follow_buffers_outside_the_state_dict():
+    model = Scaled()
+    replicas = ClientReplicas(model)
+    synced_round(model, make_batches((2, 3)), nn.CrossEntropyLoss(), lr=0.1, replicas=replicas)
+    model.scale.fill_(3.0)
+    batches = make_batches((2, 3), seed=4)
+    got = synced_round(model, batches, nn.CrossEntropyLoss(), lr=0.1, replicas=replicas)
+    assert_states_equal(got, synced_round(model, batches, nn.CrossEntropyLoss(), lr=0.1))
+
+
 def test_replicas_of_another_model_are_refused():
     model, other = make_model(), make_model()
     with pytest.raises(ValueError, match="replicas were made from another model"):
