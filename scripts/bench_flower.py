@@ -7,6 +7,11 @@ per round beyond the model itself.
 
     python scripts/bench_flower.py --clients 3 --rounds 5 --transports messages grpc
 
+``--gpus-per-client X`` (X > 0) gives every simulated client a GPU share through Ray and runs the
+in-process row on the GPU too, so that all rows train on the same device; without it all rows
+run on the CPU (Ray hides the GPU from actors without a share). On CUDA the in-process timer
+reads follow ``torch.cuda.synchronize()``.
+
 Rounds after the first are timed (the first pays for process start-up and imports); evaluation
 only runs after the last round, which is excluded too.
 
@@ -33,6 +38,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.experiment import task  # noqa: E402
 from common.experiment.config import RunConfig  # noqa: E402
+from common.fedtan import ClientReplicas  # noqa: E402
 from server.processes import (  # noqa: E402
     Deadline,
     ManagedProcess,
@@ -68,6 +75,13 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=1)
     parser.add_argument("--transports", nargs="+", default=["messages", "grpc"])
     parser.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=0.0,
+        help="Ray's client-resources-num-gpus; > 0 puts the clients, and the in-process row, on "
+        "the GPU (at most 1/K, so that all K clients of a round run at once)",
+    )
+    parser.add_argument(
         "--deployment",
         action="store_true",
         help="also run each transport deployed: a SuperLink and K SuperNodes on 127.0.0.1",
@@ -93,9 +107,16 @@ def main() -> None:
         "num-rounds": args.rounds,
         "eval-interval": args.rounds,
     }
-    rows = [("in-process engine", in_process_seconds(RunConfig.from_flower(run_config)), {})]
+    # The simulation's clients see a GPU only with a GPU share (Ray hides it from the others).
+    device = torch.device("cuda" if args.gpus_per_client > 0 else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--gpus-per-client > 0 needs a GPU, and torch sees none")
+    cfg = RunConfig.from_flower(run_config)
+    rows = [(f"in-process engine ({device})", in_process_seconds(cfg, device), {})]
     for transport in args.transports:
-        seconds, costs = simulation_seconds({**run_config, "transport": transport}, args.clients)
+        seconds, costs = simulation_seconds(
+            {**run_config, "transport": transport}, args.clients, args.gpus_per_client
+        )
         rows.append((f"Flower simulation, transport={transport}", seconds, costs))
     failed = []
     if args.deployment:
@@ -138,18 +159,33 @@ def main() -> None:
         sys.exit(f"failed: {', '.join(failed)}")
 
 
-def in_process_seconds(cfg: RunConfig) -> float:
-    model = task.build_global_model(cfg)
+def in_process_seconds(cfg: RunConfig, device: torch.device) -> float:
+    """Seconds per round of the in-process engine, its clients on ``device`` like the app's."""
+    model = task.build_global_model(cfg).to(device)
+    replicas = ClientReplicas(model)  # a run of rounds keeps its client models
     times = []
     for r in range(1, cfg.num_rounds + 1):
-        batches = task.every_client_batches(cfg, cfg.num_clients, r)
+        batches = [
+            [(x.to(device), y.to(device)) for x, y in client]
+            for client in task.every_client_batches(cfg, cfg.num_clients, r)
+        ]
+        _synchronize(device)
         started = time.perf_counter()
-        model.load_state_dict(task.engine_round(model, cfg, batches, r))
+        model.load_state_dict(task.engine_round(model, cfg, batches, r, replicas))
+        _synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:-1])
 
 
-def simulation_seconds(run_config: dict, clients: int) -> tuple[float, dict[str, float]]:
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``, so that a timer read includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def simulation_seconds(
+    run_config: dict, clients: int, gpus_per_client: float = 0.0
+) -> tuple[float, dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         config_file = Path(tmp) / "run.toml"
@@ -164,6 +200,8 @@ def simulation_seconds(run_config: dict, clients: int) -> tuple[float, dict[str,
         }
         # Every client of a round must run at once for the gRPC channel: one Ray actor each.
         extra = f"init-args-num-cpus={clients}"
+        if gpus_per_client > 0:
+            extra += f" client-resources-num-gpus={gpus_per_client} init-args-num-gpus=1"
         subprocess.run(
             [str(ROOT / "scripts/run_simulation.sh"), str(config_file), str(clients), extra],
             env=env,

@@ -10,13 +10,13 @@ import functools
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from common.experiment.config import RunConfig
 from common.experiment.data import TensorDataset, eval_batches, load_dataset, round_batches
 from common.experiment.models import build_model
 from common.experiment.partition import partition
-from common.fedtan import Batch, synced_round
+from common.fedtan import Batch, ClientReplicas, synced_round
 
 loss_fn = nn.CrossEntropyLoss()  # mean over the batch, as FedTAN's exactness requires
 
@@ -89,11 +89,15 @@ def every_client_batches(cfg: RunConfig, num_clients: int, server_round: int) ->
 
 
 def engine_round(
-    model: nn.Module, cfg: RunConfig, batches: list[list[Batch]], server_round: int
+    model: nn.Module,
+    cfg: RunConfig,
+    batches: list[list[Batch]],
+    server_round: int,
+    replicas: ClientReplicas | None = None,
 ) -> dict[str, torch.Tensor]:
     """Round ``server_round`` of ``cfg`` by the in-process engine from ``model``'s state, on
     ``batches`` (``every_client_batches``): the new global state (``model`` keeps its own).
-    What every transport must reproduce."""
+    What every transport must reproduce. ``replicas``: the client models to reuse across rounds."""
     return synced_round(
         model,
         batches,
@@ -101,6 +105,7 @@ def engine_round(
         lr=cfg.lr_at(server_round),
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
+        replicas=replicas,
     )
 
 
@@ -125,14 +130,24 @@ def evaluate(
     """Test loss and accuracy of ``model`` in eval mode (BN uses its running statistics)."""
     device = device or pick_device()
     model = model.to(device).eval()
-    total_loss, correct, seen = 0.0, 0, 0
-    for inputs, targets in eval_batches(eval_dataset(cfg), batch_size):
-        inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(inputs)
-        total_loss += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        correct += int((logits.argmax(1) == targets).sum())
-        seen += len(targets)
-    return {"test-loss": total_loss / seen, "test-accuracy": correct / seen}
+    inputs, targets = eval_set(cfg.dataset, cfg.data_dir, cfg.seed, device)
+    # Summed on the device and read once at the end: a read per batch would wait each time.
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, len(targets), batch_size):
+        x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+        logits = model(x)
+        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+    seen = len(targets)
+    return {"test-loss": total_loss.item() / seen, "test-accuracy": correct.item() / seen}
+
+
+@functools.lru_cache(maxsize=2)
+def eval_set(name: str, data_dir: str, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The normalized test set on ``device``, made once per process: every evaluation reuses it."""
+    test = _dataset(name, data_dir, seed, train=False)
+    return test.normalize(test.images).to(device), test.labels.to(device)
 
 
 def pick_device() -> torch.device:

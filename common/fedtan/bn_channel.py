@@ -66,49 +66,75 @@ class BNChannel(ABC):
 
 def check_moments(sender: Hashable, layer: str, moments: Moments) -> None:
     """Refuse moments that would corrupt the global statistics."""
-    if not isinstance(moments.count, int) or moments.count <= 0:
-        raise BNSyncError(
-            f"client {sender}, layer {layer!r}: count must be a positive integer, "
-            f"got {moments.count!r} (empty batch?)"
-        )
+    _check_count(sender, layer, moments)
     _check_vectors(sender, layer, mean=moments.mean, m2=moments.m2)
-    if bool((moments.m2 < 0).any()):
-        raise BNSyncError(f"client {sender}, layer {layer!r}: negative sum of squared deviations")
+    if not bool(_moments_ok(moments.mean, moments.m2)):
+        _refuse_values(sender, layer, mean=moments.mean, m2=moments.m2)
 
 
 def check_grad_sums(sender: Hashable, layer: str, sums: GradSums) -> None:
     _check_vectors(sender, layer, sum_dy=sums.sum_dy, sum_dy_xhat=sums.sum_dy_xhat)
+    if not bool(_finite(sums.sum_dy, sums.sum_dy_xhat)):
+        _refuse_values(sender, layer, sum_dy=sums.sum_dy, sum_dy_xhat=sums.sum_dy_xhat)
 
 
 def combine_moments(layer: str, parts: Mapping[Hashable, Moments]) -> Moments:
     """Exact moments of the union of the clients' batches (Chan et al.'s parallel formula).
 
     Computed in float64 whatever the clients' dtype, so that the combination adds no error of
-    its own; callers cast back to their dtype.
+    its own; callers cast back to their dtype. The values of all parts are checked together,
+    with one read of the device (the per-part checks run only to name a refused part).
     """
     _check_same_shape(layer, {k: p.mean for k, p in parts.items()})
     for sender, part in parts.items():
-        check_moments(sender, layer, part)
-    counts = {k: p.count for k, p in parts.items()}
-    total = sum(counts.values())
-    means = {k: p.mean.double() for k, p in parts.items()}
-    mean = sum(counts[k] * means[k] for k in parts) / total
-    m2 = sum(p.m2.double() + counts[k] * (means[k] - mean) ** 2 for k, p in parts.items())
+        _check_count(sender, layer, part)
+        _check_vectors(sender, layer, mean=part.mean, m2=part.m2)
+    # One stack and one cast for all clients (float16/32 to float64 is exact).
+    stacked = torch.stack([v for p in parts.values() for v in (p.mean, p.m2)]).double()
+    means, m2s = stacked.view(len(parts), 2, -1).unbind(1)
+    if not bool(_moments_ok(means, m2s)):
+        for sender, part in parts.items():
+            check_moments(sender, layer, part)
+    counts = [p.count for p in parts.values()]
+    total = sum(counts)
+    weights = _column(counts, like=means)
+    mean = (weights * means).sum(0) / total
+    m2 = (m2s + weights * (means - mean) ** 2).sum(0)
     return Moments(total, mean, m2)
 
 
 def combine_grad_sums(layer: str, parts: Mapping[Hashable, GradSums]) -> GradSums:
-    """Sum of the clients' (already weighted) gradient sums, in float64."""
+    """Sum of the clients' (already weighted) gradient sums, in float64, checked together."""
     _check_same_shape(layer, {k: p.sum_dy for k, p in parts.items()})
     for sender, part in parts.items():
-        check_grad_sums(sender, layer, part)
-    return GradSums(
-        sum(p.sum_dy.double() for p in parts.values()),
-        sum(p.sum_dy_xhat.double() for p in parts.values()),
-    )
+        _check_vectors(sender, layer, sum_dy=part.sum_dy, sum_dy_xhat=part.sum_dy_xhat)
+    stacked = torch.stack([v for p in parts.values() for v in (p.sum_dy, p.sum_dy_xhat)]).double()
+    if not bool(_finite(stacked)):
+        for sender, part in parts.items():
+            check_grad_sums(sender, layer, part)
+    sum_dy, sum_dy_xhat = stacked.view(len(parts), 2, -1).sum(0)
+    return GradSums(sum_dy, sum_dy_xhat)
+
+
+def _column(values: list[int], like: Tensor) -> Tensor:
+    """``values`` as a float64 column on ``like``'s device, copied without waiting for it."""
+    column = torch.tensor(values, dtype=torch.float64).unsqueeze(1)
+    if like.device.type == "cuda":
+        # From pinned memory the copy is queued; from pageable memory it would wait.
+        return column.pin_memory().to(like.device, non_blocking=True)
+    return column.to(like.device)
+
+
+def _check_count(sender: Hashable, layer: str, moments: Moments) -> None:
+    if not isinstance(moments.count, int) or moments.count <= 0:
+        raise BNSyncError(
+            f"client {sender}, layer {layer!r}: count must be a positive integer, "
+            f"got {moments.count!r} (empty batch?)"
+        )
 
 
 def _check_vectors(sender: Hashable, layer: str, **vectors: Tensor) -> None:
+    """Shapes and dtypes, which need no read of the values (nor of the device)."""
     shapes = {name: tuple(v.shape) for name, v in vectors.items()}
     if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
         raise BNSyncError(
@@ -121,8 +147,25 @@ def _check_vectors(sender: Hashable, layer: str, **vectors: Tensor) -> None:
                 f"client {sender}, layer {layer!r}: {name} has dtype {v.dtype}, "
                 "expected a floating-point tensor"
             )
+
+
+def _finite(*vectors: Tensor) -> Tensor:
+    """One boolean tensor (no read of the device): every value of every vector is finite."""
+    flags = [torch.isfinite(v).all() for v in vectors]
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+
+
+def _moments_ok(mean: Tensor, m2: Tensor) -> Tensor:
+    # m2 >= 0 is False for NaN and m2 < inf is False for +inf.
+    return torch.isfinite(mean).all() & ((m2 >= 0) & (m2 < torch.inf)).all()
+
+
+def _refuse_values(sender: Hashable, layer: str, **vectors: Tensor) -> None:
+    """Name what is wrong with vectors that failed a fused check."""
+    for name, v in vectors.items():
         if not bool(torch.isfinite(v).all()):
             raise BNSyncError(f"client {sender}, layer {layer!r}: {name} has non-finite values")
+    raise BNSyncError(f"client {sender}, layer {layer!r}: negative sum of squared deviations")
 
 
 def _check_same_shape(layer: str, vectors: Mapping[Hashable, Tensor]) -> None:

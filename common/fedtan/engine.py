@@ -6,7 +6,9 @@ layers act as one BN over the union of all clients' batches, through a ``BNChann
 the number of samples each trained on.
 
 ``synced_round`` runs the K clients as threads of this process over an ``InProcessHub``. With one
-batch per client it equals one step of ``torch.optim.SGD`` on the concatenated batches.
+batch per client it equals one step of ``torch.optim.SGD`` on the concatenated batches. Pass it a
+``ClientReplicas`` to run many rounds: the K client models are then made once and reloaded with
+the global model each round, instead of K deep copies per round.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def train_client(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
-    losses = []
+    # Kept as tensors: reading each one (.item()) would wait for the device at every step.
+    losses: list[Tensor] = []
     for step, (inputs, targets) in enumerate(batches):
         sync = synchronized(model, channel) if step == 0 and channel is not None else nullcontext()
         with sync:
@@ -59,8 +62,51 @@ def train_client(
             with torch.autograd.set_multithreading_enabled(False):
                 loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    return losses
+        losses.append(loss.detach())
+    return torch.stack(losses).tolist()
+
+
+class ClientReplicas:
+    """The K client models of a run of in-process rounds, made once and reloaded every round.
+
+    Each replica is a deep copy of ``model`` with federated BN layers. ``for_round`` overwrites
+    every replica's parameters and buffers with ``model``'s current ones in one fused copy, so a
+    round starts from the global model as with fresh copies, without building K models.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._replicas: list[nn.Module] = []
+        self._tensors: list[dict[str, Tensor]] = []  # each replica's parameters and buffers
+        self._states: list[dict[str, Tensor]] = []  # live views of each replica's state
+
+    def for_round(self, num_clients: int) -> list[tuple[nn.Module, dict[str, Tensor]]]:
+        """``num_clients`` replicas, each loaded with ``model``'s state, with their state dicts."""
+        source = _parameters_and_buffers(self.model)
+        if self._tensors and not _same_layout(source, self._tensors[0]):
+            # The model's tensors changed (another device, dtype or shape): start again.
+            self._replicas, self._tensors, self._states = [], [], []
+        while len(self._replicas) < num_clients:
+            replica = convert_federated_batchnorm(copy.deepcopy(self.model))
+            self._replicas.append(replica)
+            self._tensors.append(_parameters_and_buffers(replica))
+            self._states.append(replica.state_dict())
+        with torch.no_grad():
+            targets = [t for tensors in self._tensors[:num_clients] for t in tensors.values()]
+            torch._foreach_copy_(targets, list(source.values()) * num_clients)
+        return list(zip(self._replicas[:num_clients], self._states[:num_clients], strict=True))
+
+
+def _parameters_and_buffers(model: nn.Module) -> dict[str, Tensor]:
+    # Non-persistent buffers too: a fresh copy would have them.
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _same_layout(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return list(a) == list(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+        for x, y in zip(a.values(), b.values(), strict=True)
+    )
 
 
 def synced_round(
@@ -73,13 +119,15 @@ def synced_round(
     *,
     allow_no_batchnorm: bool = False,
     timeout: float | None = 300.0,
+    replicas: ClientReplicas | None = None,
 ) -> dict[str, Tensor]:
     """One FedTAN round with K in-process clients; returns the new global ``state_dict``.
 
     ``client_batches[k]`` lists the ``(inputs, targets)`` batches client k trains on this round
     (one per local step). ``loss_fn`` must average over the samples of a batch. ``model`` is not
     modified. A model without BatchNorm layers is refused unless ``allow_no_batchnorm``, in which
-    case the round is plain federated averaging.
+    case the round is plain federated averaging. ``replicas`` (made from this ``model``) keeps the
+    client models between rounds; without it the round makes fresh ones.
     """
     check_client_batches(client_batches)
     _check_mean_reduction(loss_fn)
@@ -89,7 +137,11 @@ def synced_round(
             "synchronize; pass allow_no_batchnorm=True to run plain FedAvg"
         )
 
-    clients = [convert_federated_batchnorm(copy.deepcopy(model)) for _ in client_batches]
+    if replicas is None:
+        replicas = ClientReplicas(model)
+    elif replicas.model is not model:
+        raise ValueError("replicas were made from another model than the one given")
+    clients, states = zip(*replicas.for_round(len(client_batches)), strict=True)
     hub = InProcessHub(len(clients), timeout=timeout) if has_batchnorm(model) else None
     errors: list[BaseException | None] = [None] * len(clients)
 
@@ -129,7 +181,7 @@ def synced_round(
         raise RuntimeError(f"client {rank} failed: {error}") from error
 
     weights = [sum(len(targets) for _, targets in batches) for batches in client_batches]
-    return average_states([c.state_dict() for c in clients], weights)
+    return average_states(states, weights)
 
 
 def check_client_batches(client_batches: Sequence[Sequence[Batch]]) -> None:
