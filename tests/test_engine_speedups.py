@@ -22,17 +22,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from common.aggregation import average_states
-from common.bn_channel import BNSyncError, GradSums, Moments, combine_grad_sums, combine_moments
-from common.config import RunConfig
-from common.data import TensorDataset, eval_batches
-from common.models import build_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import common.fedtan as fedtan
-from common import task
+import common.fedtan.engine as fedtan
+from common.experiment import task
+from common.experiment.config import RunConfig
+from common.experiment.data import TensorDataset, eval_batches
+from common.experiment.models import build_model
 from common.fedtan import ClientReplicas, synced_round, train_client
+from common.fedtan.aggregation import average_states
+from common.fedtan.bn_channel import (
+    BNSyncError,
+    GradSums,
+    Moments,
+    combine_grad_sums,
+    combine_moments,
+)
 
 NUM_CLASSES = 10
 SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
@@ -102,7 +108,7 @@ def assert_states_equal(got, expected):
 
 
 def no_deepcopy(monkeypatch):
-    """From now on, making a model copy in common.fedtan fails the test."""
+    """From now on, making a model copy in common.fedtan.engine fails the test."""
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("a client model was deep-copied again")
@@ -325,7 +331,7 @@ def test_evaluation_prepares_the_test_set_once_and_reads_the_device_twice(monkey
     assert reads.count == 2  # the summed loss and the count of correct answers, once each
 
     # The definition: per-batch loss sums and hits over the normalized test set, in order.
-    test = task.dataset(cfg.dataset, False, cfg.data_dir, cfg.seed)
+    test = task.eval_dataset(cfg)
     model.eval()
     loss, correct = 0.0, 0
     with torch.no_grad():
