@@ -163,6 +163,7 @@ if [ "${BASH_SOURCE[0]}" != "$0" ]; then return 0; fi
 
 # ================================================================== main
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ARGS="$*"
 RUN_PLAIN=1
 RUN_TLS=0
 RUN_GRPC=0
@@ -196,10 +197,12 @@ COMPOSE_FILES=()
 
 mkdir -p "$(dirname "$LOG")"
 : > "$LOG"
-exec > >(tee -a "$LOG") 2>&1
+# tee ignores INT and TERM: a Ctrl-C or `timeout` signals the whole process group, and the
+# cleanup that follows must still be able to write (a dead tee would end it with SIGPIPE).
+exec > >(trap '' INT TERM; exec tee -a "$LOG") 2>&1
 T0=$(date +%s)
 install_traps
-say "scripts/docker_demo.sh $(printf '%s ' "$@")(plain: $RUN_PLAIN, tls: $RUN_TLS, grpc: $RUN_GRPC)"
+say "scripts/docker_demo.sh $ARGS (runs: plain $RUN_PLAIN, tls $RUN_TLS; grpc $RUN_GRPC)"
 
 [ "$(id -u)" -eq 0 ] || { say "needs root (it starts its own dockerd)"; exit 1; }
 
