@@ -115,6 +115,7 @@ def run_checks(
         capture_output=True,
         text=True,
         timeout=30,
+        cwd=tmp_path,
         env={"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LC_ALL": "C"},
     )
 
