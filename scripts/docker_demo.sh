@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end run of the Docker deployment (docker/compose.yml) on a machine that has no image
-# registry, as root, leaving nothing behind:
+# registry, as root, leaving nothing behind (a fresh Debian machine will do: missing tools are
+# installed with apt and stay installed):
 #
 #   1. starts a private Docker engine (own data root, exec root and socket in a temp folder; no
 #      default bridge, no iptables/ip_forward changes), stopped by its pid at the end;
@@ -15,7 +16,10 @@
 #   5. with --tls, does the same again with docker/with-tls.yml (certificates from
 #      docker/generate-certs.sh, in the temp folder);
 #   6. `docker-compose down -v`, removes the images, stops the engine, deletes the temp folder,
-#      and checks that the host's iptables rules, ip_forward and interfaces are as before.
+#      and checks that the host's iptables rules, ip_forward and interfaces are as before
+#      (a difference fails the demo).
+# Never silent: a failing command ends the demo with "FAILED ... at line N (function): command",
+# and the cleanup of step 6 runs after a failure, Ctrl-C or TERM (timeout) as after success.
 # With --grpc every run adds docker/with-grpc.yml: FedTAN's BN sync channel (transport = "grpc")
 # between the ServerApp's and the ClientApps' containers, over TLS too with --tls; the checks
 # then also want transport "grpc" in config.json and one round trip (the train message) per round
