@@ -105,6 +105,13 @@ unmount_under() {  # unmount_under DIR
         | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
 }
 
+# How many lines COMMAND prints, or why that is unknown (it failed: the engine is not answering).
+count_lines() {  # count_lines COMMAND...
+    local out
+    out="$("$@" 2>/dev/null)" || { echo "unknown ($1 failed)"; return 0; }
+    printf '%s' "$out" | awk 'END {print NR}'
+}
+
 # ERR: say where and what failed, then exit with its code; the EXIT trap cleans up.
 on_error() {  # on_error LINE COMMAND (from the ERR trap; $? is the failed command's code)
     local rc=$?
@@ -126,8 +133,9 @@ cleanup() {
         fi
         docker ps -aq | xargs -r docker rm -f >/dev/null 2>&1
         docker system prune -af --volumes >/dev/null 2>&1
-        say "containers left: $(docker ps -aq | wc -l), images left: $(docker images -qa | wc -l)," \
-            "networks left: $(docker network ls -q --filter type=custom | wc -l)"
+        say "containers left: $(count_lines docker ps -aq)," \
+            "images left: $(count_lines docker images -qa)," \
+            "networks left: $(count_lines docker network ls -q --filter type=custom)"
         kill -TERM "$DOCKERD_PID"
         for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
         if kill -0 "$DOCKERD_PID" 2>/dev/null; then kill -KILL "$DOCKERD_PID"; fi
@@ -259,7 +267,9 @@ if forward_drops_bridged; then
         "(this engine runs with --iptables=false and adds no rules)"
 fi
 say "starting dockerd ($DRIVER) in $D"
-dockerd --data-root "$D/root" --exec-root "$D/exec" --pidfile "$D/dockerd.pid" \
+# In its own session: a Ctrl-C or `timeout` signals this script's process group, and the engine
+# must stay up until the cleanup has taken the compose project down and removed its networks.
+setsid dockerd --data-root "$D/root" --exec-root "$D/exec" --pidfile "$D/dockerd.pid" \
     -H "$DOCKER_HOST" --storage-driver "$DRIVER" \
     --bridge none --iptables=false --ip-forward=false --ip-masq=false \
     > "$WORK/dockerd.log" 2>&1 &

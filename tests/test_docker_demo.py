@@ -292,6 +292,18 @@ def test_unmount_under_with_nothing_mounted_there(tmp_path, mounts) -> None:
     assert proc.stdout.strip() == "done"
 
 
+@pytest.mark.parametrize(
+    ("containers", "said"),
+    [(MISSING, "unknown (docker failed)"), (EMPTY, "0"), ("1f2e\n3a4b\n5c6d\n", "3")],
+    ids=["engine-gone", "none", "three"],
+)
+def test_count_lines(tmp_path, containers, said) -> None:
+    # The cleanup's "containers left" must not read 0 when the engine did not answer.
+    proc = run_checks(tmp_path, "count_lines docker ps -aq", tools={"docker": containers})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == said
+
+
 # --------------------------------------------------------------------------- never silent
 
 
