@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end run of the Docker deployment (docker/compose.yml) on a machine that has no image
-# registry, as root, leaving nothing behind:
+# registry, as root, leaving nothing behind (a fresh Debian machine will do: missing tools are
+# installed with apt and stay installed):
 #
 #   1. starts a private Docker engine (own data root, exec root and socket in a temp folder; no
 #      default bridge, no iptables/ip_forward changes), stopped by its pid at the end;
@@ -15,7 +16,10 @@
 #   5. with --tls, does the same again with docker/with-tls.yml (certificates from
 #      docker/generate-certs.sh, in the temp folder);
 #   6. `docker-compose down -v`, removes the images, stops the engine, deletes the temp folder,
-#      and checks that the host's iptables rules, ip_forward and interfaces are as before.
+#      and checks that the host's iptables rules, ip_forward and interfaces are as before
+#      (a difference fails the demo).
+# Never silent: a failing command ends the demo with "FAILED ... at line N (function): command",
+# and the cleanup of step 6 runs after a failure, Ctrl-C or TERM (timeout) as after success.
 # With --grpc every run adds docker/with-grpc.yml: FedTAN's BN sync channel (transport = "grpc")
 # between the ServerApp's and the ClientApps' containers, over TLS too with --tls; the checks
 # then also want transport "grpc" in config.json and one round trip (the train message) per round
@@ -37,9 +41,141 @@
 # Traffic: the host's package clients (apt/debootstrap, pip download), the builds to the
 # wheelhouse on 127.0.0.1, and the containers among themselves on their compose network
 # (the SuperLink's port is published on 127.0.0.1 only).
-set -euo pipefail
+set -Eeuo pipefail
 
+# ================================================================== checks and cleanup
+# Functions only, down to the `return` below: tests/test_docker_demo.py sources this file and
+# runs them against stubbed commands (empty firewall, nothing found). Every check here must
+# print a result, not fail, when what it looks for is absent: under `set -o pipefail` a grep
+# that finds nothing ends the script.
+
+say() { printf '[docker_demo +%4ss] %s\n' "$(( $(date +%s) - ${T0:-$(date +%s)} ))" "$*"; }
+
+# The host's firewall rules (packet counters aside), forwarding switches and network interfaces,
+# compared at the end: the engine must leave them as they were. A fresh host has no rules (or
+# no iptables at all): that is an empty section, not an error.
+host_net_state() {
+    local rules
+    rules="$( { iptables-save 2>/dev/null || true; ip6tables-save 2>/dev/null || true; } \
+        | sed -E -e '/^#/d' -e 's/ ?\[[0-9]+:[0-9]+\]//')"
+    [ -z "$rules" ] || printf '%s\n' "$rules"
+    echo "net.ipv4.ip_forward=$(sysctl -n net.ipv4.ip_forward 2>/dev/null || true)"
+    echo "net.ipv6.conf.all.forwarding=$(sysctl -n net.ipv6.conf.all.forwarding 2>/dev/null || true)"
+    { ip -o link show 2>/dev/null || true; } | awk -F': ' '{sub(/@.*/, "", $2); print "link " $2}' \
+        | sort
+}
+
+# One line about a host_net_state file: forwarding switches and how many interfaces.
+host_net_summary() {  # host_net_summary FILE
+    local forwarding links
+    forwarding="$(sed -n '/_forward\|forwarding/p' "$1" | tr '\n' ' ')"
+    links="$(awk '/^link / {n++} END {print n + 0}' "$1")"
+    echo "iptables/ip6tables rules ($(awk '/^[-:*]/ {n++} END {print n + 0}' "$1") lines)," \
+        "ip_forward (${forwarding% }), network interfaces ($links)"
+}
+
+# Whether the FORWARD chain drops bridged packets (br_netfilter on, policy DROP): containers
+# might then not reach each other. Absent sysctl or iptables means no.
+forward_drops_bridged() {
+    [ "$(sysctl -n net.bridge.bridge-nf-call-iptables 2>/dev/null || true)" = 1 ] || return 1
+    { iptables -S FORWARD 2>/dev/null || true; } | awk '$0 == "-P FORWARD DROP" {f = 1} END {exit !f}'
+}
+
+# Whether /proc/net/tcp* text on stdin has a socket listening (state 0A) on PORT.
+listening_on() {  # listening_on PORT < /proc/net/tcp
+    awk -v p="$(printf ':%04X' "$1")" '$2 ~ p"$" && $4 == "0A" {f = 1} END {exit !f}'
+}
+
+# The images of this demo with their sizes; "none" when there are none.
+list_images() {  # list_images PREFIX
+    local lines
+    lines="$({ docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' || true; } \
+        | awk -v p="$1/" 'index($0, p) == 1')"
+    printf '%s\n' "${lines:-none}" | sed 's/^/    /'
+}
+
+# The probe's verdict: its last line is OK. A missing or empty file is a failed probe.
+probe_passed() {  # probe_passed FILE
+    [ -s "$1" ] && [ "$(tail -n 1 "$1")" = OK ]
+}
+
+# Unmount what the engine left under its roots (netns, overlay), deepest first.
+unmount_under() {  # unmount_under DIR
+    { findmnt -rn -o TARGET 2>/dev/null || true; } | awk -v d="$1/" 'index($0, d) == 1' \
+        | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+}
+
+# How many lines COMMAND prints, or why that is unknown (it failed: the engine is not answering).
+count_lines() {  # count_lines COMMAND...
+    local out
+    out="$("$@" 2>/dev/null)" || { echo "unknown ($1 failed)"; return 0; }
+    printf '%s' "$out" | awk 'END {print NR}'
+}
+
+# ERR: say where and what failed, then exit with its code; the EXIT trap cleans up.
+on_error() {  # on_error LINE COMMAND (from the ERR trap; $? is the failed command's code)
+    local rc=$?
+    trap - ERR
+    say "FAILED with exit code $rc at line $1 (${FUNCNAME[1]:-main}): $2"
+    exit "$rc"
+}
+
+# Stop and remove everything this script started or made, check the host, say how it ended.
+cleanup() {
+    local rc=$?
+    set +eEu
+    trap - EXIT ERR INT TERM
+    say "cleaning up"
+    if [ -n "${PROBE_PID:-}" ]; then kill "$PROBE_PID" 2>/dev/null; wait "$PROBE_PID" 2>/dev/null; fi
+    if [ -n "${DOCKERD_PID:-}" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
+        if [ "${#COMPOSE_FILES[@]}" -gt 0 ]; then
+            compose down -v --remove-orphans --rmi all >/dev/null 2>&1
+        fi
+        docker ps -aq | xargs -r docker rm -f >/dev/null 2>&1
+        docker system prune -af --volumes >/dev/null 2>&1
+        say "containers left: $(count_lines docker ps -aq)," \
+            "images left: $(count_lines docker images -qa)," \
+            "networks left: $(count_lines docker network ls -q --filter type=custom)"
+        kill -TERM "$DOCKERD_PID"
+        for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
+        if kill -0 "$DOCKERD_PID" 2>/dev/null; then kill -KILL "$DOCKERD_PID"; fi
+        say "dockerd (pid $DOCKERD_PID) stopped"
+    fi
+    if [ -n "${HTTP_PID:-}" ]; then kill "$HTTP_PID" 2>/dev/null; wait "$HTTP_PID" 2>/dev/null; fi
+    if [ -n "${WORK:-}" ] && [ -d "$WORK" ]; then
+        if [ -f "$WORK/host-net.before" ]; then
+            if host_net_state | diff "$WORK/host-net.before" - > "$WORK/host-net.diff"; then
+                say "host unchanged: $(host_net_summary "$WORK/host-net.before")"
+            else
+                rc=$(( rc == 0 ? 1 : rc ))
+                say "the host's firewall, forwarding or interfaces differ from the start" \
+                    "(another program, or this engine):"
+                sed 's/^/    /' "$WORK/host-net.diff"
+            fi
+        fi
+        unmount_under "$WORK"
+        rm -rf "$WORK"
+        say "removed $WORK"
+    fi
+    if [ "$rc" -eq 0 ]; then say "exit code 0"; else say "exit code $rc (see the lines above)"; fi
+    exit "$rc"
+}
+
+install_traps() {
+    trap 'on_error "$LINENO" "$BASH_COMMAND"' ERR
+    trap cleanup EXIT
+    trap 'say "interrupted"; exit 130' INT
+    trap 'say "terminated"; exit 143' TERM
+}
+
+compose() { docker-compose -p "$PROJECT" "${COMPOSE_FILES[@]}" "$@"; }
+
+# Sourced (by the tests): functions only.
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then return 0; fi
+
+# ================================================================== main
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ARGS="$*"
 RUN_PLAIN=1
 RUN_TLS=0
 RUN_GRPC=0
@@ -49,9 +185,9 @@ while [ "$#" -gt 0 ]; do
         --tls) RUN_TLS=1; shift ;;
         --grpc) RUN_GRPC=1; shift ;;
         --no-plain) RUN_PLAIN=0; shift ;;
-        --log) LOG="$2"; shift 2 ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
-        *) echo "unknown argument: $1" >&2; exit 2 ;;
+        --log) [ "$#" -ge 2 ] || { echo "--log needs a file" >&2; exit 2; }; LOG="$2"; shift 2 ;;
+        -h|--help) sed -n '2,/^set -Eeuo/p' "$0" | sed '$d'; exit 0 ;;
+        *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 if [ -z "$LOG" ]; then
@@ -65,25 +201,33 @@ MIRROR="${FEDTAN_DEMO_MIRROR:-http://deb.debian.org/debian}"
 FLWR_VERSION=1.42.0
 PREFIX=fedtan-demo
 PROJECT="fedtan-demo-$$"
+WORK=""
+DOCKERD_PID=""
+HTTP_PID=""
+PROBE_PID=""
+COMPOSE_FILES=()
 
 mkdir -p "$(dirname "$LOG")"
 : > "$LOG"
-exec > >(tee -a "$LOG") 2>&1
+# tee ignores INT and TERM: a Ctrl-C or `timeout` signals the whole process group, and the
+# cleanup that follows must still be able to write (a dead tee would end it with SIGPIPE).
+exec > >(trap '' INT TERM; exec tee -a "$LOG") 2>&1
 T0=$(date +%s)
-say() { printf '[docker_demo +%4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
+install_traps
+say "scripts/docker_demo.sh $ARGS (runs: plain $RUN_PLAIN, tls $RUN_TLS; grpc $RUN_GRPC)"
 
 [ "$(id -u)" -eq 0 ] || { say "needs root (it starts its own dockerd)"; exit 1; }
 
 # ------------------------------------------------------------------ tools
 missing=()
-for tool in dockerd docker docker-compose debootstrap openssl ssh-keygen; do
+for tool in dockerd docker docker-compose debootstrap openssl ssh-keygen findmnt; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     say "installing Debian packages for: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        docker.io docker-compose debootstrap openssl openssh-client >/dev/null
+        docker.io docker-compose debootstrap openssl openssh-client util-linux >/dev/null
 fi
 HOST_PY="$ROOT/.venv/bin/python"
 [ -x "$HOST_PY" ] || HOST_PY="$(command -v python3)"
@@ -93,71 +237,15 @@ HOST_PY="$ROOT/.venv/bin/python"
 }
 say "docker-compose: $(docker-compose version --short), dockerd: $(dockerd --version)"
 
-# ------------------------------------------------------------------ temp folder and cleanup
+# ------------------------------------------------------------------ temp folder
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/fedtan-docker-demo.XXXXXX")"
-# The host's firewall rules (packet counters aside), forwarding switches and network interfaces,
-# compared at the end: the engine must leave them as they were.
-host_net_state() {
-    { iptables-save 2>/dev/null || true; ip6tables-save 2>/dev/null || true; } \
-        | grep -v '^#' | sed -E 's/ ?\[[0-9]+:[0-9]+\]//'
-    echo "net.ipv4.ip_forward=$(sysctl -n net.ipv4.ip_forward 2>/dev/null)"
-    echo "net.ipv6.conf.all.forwarding=$(sysctl -n net.ipv6.conf.all.forwarding 2>/dev/null)"
-    ip -o link show 2>/dev/null | awk -F': ' '{print "link " $2}' | sed 's/@.*//' | sort
-}
 host_net_state > "$WORK/host-net.before"
+say "host before: $(host_net_summary "$WORK/host-net.before")"
 CACHE="${FEDTAN_DEMO_CACHE:-$WORK/cache}"
 mkdir -p "$CACHE"
 D="$WORK/engine"
 mkdir -p "$D"
 export DOCKER_HOST="unix://$D/docker.sock"
-DOCKERD_PID=""
-HTTP_PID=""
-PROBE_PID=""
-COMPOSE_FILES=()
-
-compose() { docker-compose -p "$PROJECT" "${COMPOSE_FILES[@]}" "$@"; }
-
-cleanup() {
-    local rc=$?
-    set +e
-    trap - EXIT INT TERM
-    say "cleaning up"
-    if [ -n "$PROBE_PID" ]; then kill "$PROBE_PID" 2>/dev/null; wait "$PROBE_PID" 2>/dev/null; fi
-    if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
-        if [ "${#COMPOSE_FILES[@]}" -gt 0 ]; then
-            compose down -v --remove-orphans --rmi all >/dev/null 2>&1
-        fi
-        docker ps -aq | xargs -r docker rm -f >/dev/null 2>&1
-        docker system prune -af --volumes >/dev/null 2>&1
-        say "containers left: $(docker ps -aq | wc -l), images left: $(docker images -qa | wc -l)," \
-            "networks left: $(docker network ls -q --filter type=custom | wc -l)"
-        kill -TERM "$DOCKERD_PID"
-        for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
-        if kill -0 "$DOCKERD_PID" 2>/dev/null; then kill -KILL "$DOCKERD_PID"; fi
-        say "dockerd (pid $DOCKERD_PID) stopped"
-    fi
-    if [ -n "$HTTP_PID" ]; then kill "$HTTP_PID" 2>/dev/null; wait "$HTTP_PID" 2>/dev/null; fi
-    if [ -s "$WORK/host-net.before" ]; then
-        if host_net_state | diff "$WORK/host-net.before" - > "$WORK/host-net.diff"; then
-            say "host unchanged: iptables/ip6tables rules, ip_forward" \
-                "($(grep -h '_forward\|forwarding' "$WORK/host-net.before" | tr '\n' ' '))," \
-                "network interfaces ($(grep -c '^link ' "$WORK/host-net.before"))"
-        else
-            say "WARNING: the host's firewall, forwarding or interfaces differ from the start" \
-                "(another program, or this engine):"
-            sed 's/^/    /' "$WORK/host-net.diff"
-        fi
-    fi
-    # The engine leaves mounts under its roots (netns, overlay); unmount before deleting.
-    findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | while read -r m; do
-        umount -l "$m" 2>/dev/null
-    done
-    rm -rf "$WORK"
-    say "removed $WORK; exit code $rc"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # ------------------------------------------------------------------ the engine
 DRIVER="${FEDTAN_DEMO_STORAGE_DRIVER:-}"
@@ -174,13 +262,14 @@ if [ -z "$DRIVER" ]; then
     fi
     rm -rf "$WORK/ovl"
 fi
-if [ "$(sysctl -n net.bridge.bridge-nf-call-iptables 2>/dev/null || echo 0)" = 1 ] \
-    && iptables -S FORWARD 2>/dev/null | grep -qx -- '-P FORWARD DROP'; then
+if forward_drops_bridged; then
     say "note: FORWARD policy is DROP with br_netfilter on; containers may not reach each other" \
         "(this engine runs with --iptables=false and adds no rules)"
 fi
 say "starting dockerd ($DRIVER) in $D"
-dockerd --data-root "$D/root" --exec-root "$D/exec" --pidfile "$D/dockerd.pid" \
+# In its own session: a Ctrl-C or `timeout` signals this script's process group, and the engine
+# must stay up until the cleanup has taken the compose project down and removed its networks.
+setsid dockerd --data-root "$D/root" --exec-root "$D/exec" --pidfile "$D/dockerd.pid" \
     -H "$DOCKER_HOST" --storage-driver "$DRIVER" \
     --bridge none --iptables=false --ip-forward=false --ip-masq=false \
     > "$WORK/dockerd.log" 2>&1 &
@@ -250,12 +339,12 @@ APP_IMAGE="$PREFIX/app:0.1.0"
 build "$APP_IMAGE" "$WORK/build-app.log" -f "$CTX/docker/Dockerfile" \
     --build-arg "BASE_IMAGE=$PREFIX/flwr-superexec:$FLWR_VERSION" \
     --build-arg TORCH_VARIANT=cuda -t "$APP_IMAGE" "$CTX"
-grep -E "^flwr .*torch" "$WORK/build-app.log" | sed 's/^/    /' || true
+awk '/^flwr .*torch/' "$WORK/build-app.log" | sed 's/^/    /'
 say "image sizes:"
-docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep "^$PREFIX/" | sed 's/^/    /'
+list_images "$PREFIX"
 say "app image layers (newest first):"
-docker history --format '{{.Size}}\t{{.CreatedBy}}' "$APP_IMAGE" | cut -c1-110 | head -n 8 \
-    | sed 's/^/    /'
+docker history --format '{{.Size}}\t{{.CreatedBy}}' "$APP_IMAGE" > "$WORK/history.txt"
+head -n 8 "$WORK/history.txt" | cut -c1-110 | sed 's/^/    /'
 say "runs as: $(docker run --rm --network none --entrypoint id "$APP_IMAGE")"
 
 # ------------------------------------------------------------------ the runs
@@ -290,8 +379,8 @@ demo_run() {  # demo_run NAME RUN_CONFIG compose-files...
     compose logs --no-color > "$WORK/compose-$name.log" 2>&1 || true
     say "last lines of every service's log:"
     for svc in $(compose config --services); do
-        compose logs --no-color "$svc" 2>/dev/null | grep -v -F 'uvicorn.access' | tail -n 4 \
-            | cut -c1-200
+        { compose logs --no-color "$svc" 2>/dev/null || true; } \
+            | awk '!/uvicorn[.]access/' | tail -n 4 | cut -c1-200
     done
     compose down -v --remove-orphans >/dev/null 2>&1 || true
     [ "$rc" -eq 0 ] || { say "$name: the run did not finish as completed"; return 1; }
@@ -339,8 +428,7 @@ print(f"TLS gRPC channel to {addr}:", "ready" if ok_tls else "FAILED",
 sys.exit(0 if ok_tls and not ok_plain else 1)
 '
 probe_bn_sync() {  # probe_bn_sync FILE (in the background)
-    local hex ca="" server client
-    hex=$(printf ':%04X' "$BN_SYNC_PORT")
+    local ca="" server client
     [ -z "${FEDTAN_CERTS_DIR:-}" ] || ca=/app/certs/ca.crt
     : > "$1"
     while :; do
@@ -352,7 +440,7 @@ probe_bn_sync() {  # probe_bn_sync FILE (in the background)
         [ -n "$server" ] && [ -n "$client" ] || continue
         # local_address :PORT with state 0A (LISTEN)
         (docker exec "$server" cat /proc/net/tcp /proc/net/tcp6 2>/dev/null || true) \
-            | awk -v p="$hex" '$2 ~ p"$" && $4 == "0A" {f=1} END {exit !f}' || continue
+            | listening_on "$BN_SYNC_PORT" || continue
         if docker exec "$client" python -c "$PROBE_PY" "superexec-serverapp:$BN_SYNC_PORT" \
             "$ca" > "$1.try" 2>&1; then
             mv "$1.try" "$1"
@@ -389,8 +477,8 @@ check_grpc() {  # check_grpc NAME PROBE_FILE DIR: the run used the BN sync chann
     local want=plain
     [ -z "${FEDTAN_CERTS_DIR:-}" ] || want=TLS
     say "$1: the BN sync channel (transport grpc, $want), probed from superexec-clientapp-1:"
-    cut -c1-300 "$2" | sed 's/^/    /'
-    [ "$(tail -n 1 "$2")" = OK ] || { say "$1: the probe of the BN sync service failed"; return 1; }
+    { cut -c1-300 "$2" 2>/dev/null || echo "(the probe wrote nothing)"; } | sed 's/^/    /'
+    probe_passed "$2" || { say "$1: the probe of the BN sync service failed"; return 1; }
     "$HOST_PY" - "$3" "$want" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -414,7 +502,7 @@ print("    OK: the synced steps ran over the BN sync channel")
 EOF
 }
 
-kill "$HTTP_PID" 2>/dev/null; wait "$HTTP_PID" 2>/dev/null || true; HTTP_PID=""
+kill "$HTTP_PID" 2>/dev/null || true; wait "$HTTP_PID" 2>/dev/null || true; HTTP_PID=""
 
 status=0
 GRPC_FILES=()

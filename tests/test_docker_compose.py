@@ -6,7 +6,8 @@
 * Images are pinned; the Dockerfiles end as a non-root user; no certificate or key is tracked.
 * Every SuperNode has its own partition-id, all of them cover 0..N-1 with num-partitions=N, and
   every SuperNode has its own SuperExec.
-* The TLS override leaves nothing in plaintext; the GPU override reserves GPUs for the ClientApps.
+* The TLS override leaves nothing in plaintext; the GPU override reserves GPUs for the ClientApps
+  and the ServerApp (which evaluates).
 * The grpc override (transport = "grpc") binds the BN sync service in the ServerApp's container
   and advertises that compose service; with TLS, the channel's certificate, key and CA are
   mounted where the run config says, and docker/generate-certs.sh issues that certificate for
@@ -369,13 +370,18 @@ def test_tls_leaves_nothing_in_plaintext(name: str) -> None:
 
 @needs_compose
 @pytest.mark.parametrize("name", ["gpu", "tls+gpu"])
-def test_gpu_override_reserves_gpus_for_clientapps(name: str) -> None:
+def test_gpu_override_reserves_gpus_for_the_apps(name: str) -> None:
+    # The ClientApps train and the ServerApp evaluates: each SuperExec that launches them gets
+    # a GPU; the Flower components that only relay messages do not.
     services = resolved(name)["services"]
-    clientapps = [n for n in services if n.startswith("superexec-clientapp-")]
-    assert clientapps
-    for svc in clientapps:
+    superexecs = [n for n in services if n.startswith("superexec-")]
+    assert "superexec-serverapp" in superexecs
+    assert len(superexecs) == 1 + len(_supernodes(resolved(name)))
+    for svc in superexecs:
         devices = services[svc]["deploy"]["resources"]["reservations"]["devices"]
         assert any("gpu" in d["capabilities"] for d in devices), svc
+    for svc in ["superlink", *_supernodes(resolved(name))]:
+        assert "deploy" not in services[svc], svc
     images = {s["image"] for n, s in services.items() if "build" in s}
     assert len(images) == 1 and images.pop().endswith("-cuda")
     for s in services.values():
