@@ -234,8 +234,18 @@ def test_the_guide_deploys_over_tls_with_supernode_auth_and_grpc(tmp_path):
         wait_for_port(link_port, timeout=deadline.remaining(at_most=90), procs=[link])
         phases.mark("superlink up (TLS, supernode auth)")
 
+        # The CLI's first use writes its default config.toml; the guide's block is added to it.
+        run_step(
+            "flwr config ls",
+            name="flwr-config-ls",
+            cwd=operator,
+            env=env["operator"],
+            deadline=deadline,
+            procs=procs,
+        )
         config_toml = Path(env["operator"]["FLWR_HOME"]) / "config.toml"
-        with open(config_toml, "a") as config:  # "add to $FLWR_HOME/config.toml"
+        assert config_toml.is_file()
+        with open(config_toml, "a") as config:
             config.write("\n" + step("tls-flwr-config") + "\n")
         registered = run_step(
             step("tls-register"),
