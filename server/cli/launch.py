@@ -3,9 +3,10 @@
 Flower's ``flwr run . local`` starts a SuperLink detached from itself, which starts
 ``flwr-simulation`` and its Ray cluster in sessions of their own: a Ctrl-C at the terminal
 reaches none of them, and they outlive ``flwr run`` for minutes or for good. So ``flwr run``
-runs in a session of its own, with its own ``FLWR_HOME`` and free ports for a local SuperLink,
-and ``FlowerRun.stop`` stops its whole family (``server.processes``: children, and every session
-a member started) and the local SuperLink of that ``FLWR_HOME``: SIGINT, a grace period, SIGKILL.
+runs in a session of its own, with its own ``FLWR_HOME`` and free ports for a local SuperLink
+(started here, as Flower would start it, but given time to come up), and ``FlowerRun.stop``
+stops its whole family (``server.processes``: children, and every session a member started) and
+the local SuperLink of that ``FLWR_HOME``: SIGINT, a grace period, SIGKILL.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import json
 import re
 import signal
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from server.processes import (
+    LOOPBACK,
     ManagedProcess,
     adopt_process,
     flower_bin,
@@ -29,6 +34,12 @@ from server.processes import (
 
 LOCAL = "local"  # the federation name for a Ray simulation on a SuperLink this command starts
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
+# flwr run gives the local SuperLink it starts 15 s, too little on a loaded machine.
+SUPERLINK_START_TIMEOUT_S = 180.0
+
+
+class LaunchError(RuntimeError):
+    """Flower could not be started; the message says what and where its log is."""
 
 
 class Interrupted(Exception):
@@ -128,7 +139,8 @@ class FlowerRun:
             command += ["--federation-config", settings]
         self.command = command
         self.log_dir = log_dir
-        self.procs: list[ManagedProcess] = []
+        self.procs: list[ManagedProcess] = []  # everything to stop: flwr run, a local SuperLink
+        self.flwr_run: ManagedProcess | None = None
         self._offset = 0
         self._partial = b""
 
@@ -137,21 +149,23 @@ class FlowerRun:
         return self.log_dir / "flwr-run.log"
 
     def start(self) -> None:
-        self.procs.append(
-            start_process(
-                self.command,
-                name="flwr-run",
-                log_dir=self.log_dir,
-                env=self.env,
-                cwd=self.project_dir,
-            )
+        if self.flwr_home is not None:
+            self._start_local_superlink()
+        self.flwr_run = start_process(
+            self.command,
+            name="flwr-run",
+            log_dir=self.log_dir,
+            env=self.env,
+            cwd=self.project_dir,
         )
+        self.procs.append(self.flwr_run)
 
     def running(self) -> bool:
-        return bool(self.procs) and self.procs[0].running()
+        """Whether ``flwr run`` still runs (a local SuperLink outlives it until ``stop``)."""
+        return self.flwr_run is not None and self.flwr_run.running()
 
     def returncode(self) -> int | None:
-        return self.procs[0].returncode() if self.procs else None
+        return None if self.flwr_run is None else self.flwr_run.returncode()
 
     def watch(self) -> None:
         """Note every process started so far (the SuperLink, Ray), while their parents live."""
@@ -222,6 +236,39 @@ class FlowerRun:
         self._adopt_local_superlink()
         return killed + stop_processes(self.procs, grace=15.0)
 
+    def _start_local_superlink(self) -> None:
+        """The SuperLink ``flwr run`` would start for ``:local:`` (its command in
+        ``flwr/cli/local_superlink.py``), started here with time to come up; ``flwr run`` finds
+        it answering and uses it."""
+        log = self.flwr_home / "local-superlink" / "superlink.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        port = self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+        control = f"{LOOPBACK}:{self.env['FLWR_LOCAL_CONTROL_API_PORT']}"
+        link = start_process(
+            [
+                *flower_bin("flower-superlink"),
+                *("--insecure", "--simulation", "--isolation", "subprocess"),
+                *("--control-api-address", control, "--host", LOOPBACK, "--port", port),
+                *("--log-file", str(log)),
+            ],
+            name="local-superlink",
+            log_dir=self.log_dir,
+            env=self.env,
+            cwd=self.project_dir,
+        )
+        self.procs.append(link)
+        deadline = time.monotonic() + SUPERLINK_START_TIMEOUT_S
+        while not _healthy(f"http://{LOOPBACK}:{port}/health"):
+            if not link.running():
+                code = link.returncode()
+                raise LaunchError(f"the local SuperLink exited (code {code}); see {log}")
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"the local SuperLink did not answer within {SUPERLINK_START_TIMEOUT_S:g} s; "
+                    f"see {log}"
+                )
+            time.sleep(0.3)
+
     def _adopt_local_superlink(self) -> None:
         if self.flwr_home is None:
             return
@@ -229,3 +276,11 @@ class FlowerRun:
         for pid in local_superlink_pids(self.flwr_home):
             if pid not in known:
                 self.procs.append(adopt_process(pid, name="local-superlink"))
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False

@@ -20,6 +20,7 @@ from server.cli.launch import (
     LOCAL,
     FlowerRun,
     Interrupted,
+    LaunchError,
     parse_federation_config,
     signals_ignored,
     signals_interrupt,
@@ -174,7 +175,11 @@ def follow(flower: FlowerRun, cfg: RunConfig, out: Path, work: Path, progress: P
     try:
         with signals_interrupt():
             try:
-                flower.start()
+                try:
+                    flower.start()
+                except LaunchError as error:
+                    print(f"fedtan: FAILED: {error}", flush=True)
+                    return 1
                 while True:
                     done = not flower.running()
                     flower.watch()
