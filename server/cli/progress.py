@@ -38,20 +38,29 @@ class Progress:
     num_rounds: int = 0
     accuracy: float | None = None
     round_seconds: list[float] = field(default_factory=list)
-    last_error: str | None = None  # for the one-line reason of a failed run
+    last_exception: str | None = None  # the last traceback's last line ("pkg.Error: ...")
+    last_error: str | None = None  # the last logged ERROR ("Exit Code: 700" after a traceback)
 
     def show(self, raw: str) -> str | None:
         line = _ANSI.sub("", raw).rstrip()
         if match := _ROUND.search(line):
             return self._round_line(match)
         if error := _ERROR.search(line):
-            self.last_error = (error["text"] or error["raised"]).strip()
+            if error["raised"]:
+                self.last_exception = error["raised"].strip()
+            else:
+                self.last_error = error["text"].strip()
             return line
         if self.verbose:
             return line
         if line and _PROBLEM.search(line) and not any(noise in line for noise in _NOISE):
             return line
         return None
+
+    @property
+    def failure(self) -> str | None:
+        """What the log says went wrong: the exception if one was raised, else the last ERROR."""
+        return self.last_exception or self.last_error
 
     def _round_line(self, match: re.Match[str]) -> str:
         self.rounds_done, self.num_rounds = int(match["round"]), int(match["rounds"])

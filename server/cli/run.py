@@ -223,16 +223,16 @@ def verdict(
         reason = f"flwr run exited with code {flower.returncode()}"
     elif status is not None and status != "finished:completed":
         reason = f"Flower reports the run as {status}"
-        if progress.last_error:
-            reason += f"; last error: {progress.last_error}"
+        if progress.failure:
+            reason += f": {progress.failure}"
     elif summary is not None and summary.get("status") != "completed":
         done = summary.get("rounds_completed", progress.rounds_done)
         why = summary.get("reason") or "see the warnings above"
         reason = f"run {summary.get('status')} after {done} of {cfg.num_rounds} rounds: {why}"
     elif summary is None and flower.flwr_home is not None:
         reason = f"the ServerApp wrote no summary.json in {out}: it failed before round 1"
-        if progress.last_error:
-            reason += f" ({progress.last_error})"
+        if progress.failure:
+            reason += f" ({progress.failure})"
     elif summary is None and progress.rounds_done < cfg.num_rounds:
         reason = f"{progress.rounds_done} of {cfg.num_rounds} rounds reported"
     if reason is not None:
