@@ -100,11 +100,11 @@ def fedtan(
         reader.start()
     deadline = time.monotonic() + TIMEOUT_S
     signalled_at = None
-    seen: dict[int, str] = {}
+    seen: set[str] = set()  # every command line a member had when looked at
     try:
         while proc.poll() is None:
             table = process_table()
-            seen.update({pid: table[pid].cmdline for pid in family.refresh(table)})
+            seen.update(table[pid].cmdline for pid in family.refresh(table))
             if signal_when and signalled_at is None:
                 if any(line.startswith(signal_when) for line in stdout):
                     os.killpg(proc.pid, sig)
@@ -123,7 +123,7 @@ def fedtan(
         stop_processes([family])  # whatever a failing test left behind
         for reader in readers:
             reader.join(timeout=10)
-    ports = [port for cmdline in seen.values() for port in _superlink_ports(cmdline)]
+    ports = [port for cmdline in seen for port in _superlink_ports(cmdline)]
     return Finished(
         returncode=proc.returncode,
         stdout=stdout,
@@ -131,7 +131,7 @@ def fedtan(
         left_running=left,
         ports_open=[port for port in ports if port_open(port)],
         seconds_after_signal=None if signalled_at is None else exited_at - signalled_at,
-        seen=sorted(set(seen.values())),
+        seen=sorted(seen),
     )
 
 
@@ -297,8 +297,9 @@ def test_a_signal_in_the_middle_of_a_run_stops_every_process_it_started(tmp_path
 
     assert stopped.returncode == 128 + sig, "\n".join(stopped.stdout) + stopped.stderr
     assert stopped.stdout[-1].startswith(f"fedtan: stopped by {signal.Signals(sig).name}")
-    assert any("flower-superlink" in cmd for cmd in stopped.seen), "no SuperLink was started"
-    assert any(cmd.startswith("ray::") for cmd in stopped.seen), "no Ray actor was started"
+    started = "\n".join(cmd[:120] for cmd in stopped.seen)
+    assert any("flower-superlink" in cmd for cmd in stopped.seen), "no SuperLink:\n" + started
+    assert any(cmd.startswith("ray::") for cmd in stopped.seen), "no Ray actor:\n" + started
     assert_nothing_left(stopped)
     # Bounded: the run stops within the grace periods (15 s SIGINT, then SIGKILL) and change.
     assert stopped.seconds_after_signal < 60, stopped.seconds_after_signal
