@@ -1,8 +1,9 @@
 # Quick start: `make run` (set up, then a FedTAN simulation on the digits), `make test`.
+# `make install` puts the `fedtan` command in $(VENV)/bin.
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench
+.PHONY: install run test lint bench
 
 $(BIN)/flwr: pyproject.toml
 	python3 -m venv $(VENV)
@@ -10,8 +11,11 @@ $(BIN)/flwr: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+install: $(BIN)/flwr
+
+# --overwrite: each `make run` replaces the previous demo run's folder.
 run: $(BIN)/flwr
-	PATH=$(CURDIR)/$(BIN):$$PATH scripts/run_simulation.sh configs/digits.toml 5
+	$(BIN)/fedtan run configs/digits.toml --overwrite
 
 test: $(BIN)/flwr
 	$(BIN)/ruff check .

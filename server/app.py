@@ -49,6 +49,7 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
         "on_round": recorder,
         "evaluate_on_clients": METHODS[cfg.method].evaluate_on_clients,
         "eval_interval": cfg.eval_interval,
+        "min_nodes_timeout": cfg.min_nodes_timeout,
     }
     transport = None
     if cfg.method == "fedtan":

@@ -82,6 +82,7 @@ class RoundStrategy(Strategy):
         on_round: RoundCallback | None = None,
         evaluate_on_clients: bool = False,
         eval_interval: int = 1,
+        min_nodes_timeout: float | None = None,
     ) -> None:
         self.name = name
         self.local_keys = frozenset(local_keys)
@@ -94,6 +95,7 @@ class RoundStrategy(Strategy):
         self.on_round = on_round
         self.evaluate_on_clients = evaluate_on_clients
         self.eval_interval = eval_interval
+        self.min_nodes_timeout = min_nodes_timeout  # None: the exchange timeout
         self.excluded: set[int] = set()  # nodes that failed a round of this run; not sampled again
 
     def describe(self) -> str:
@@ -399,16 +401,31 @@ class RoundStrategy(Strategy):
             return None
 
     def _wait_for_nodes(self, grid: Grid, timeout: float) -> list[int]:
-        deadline = time.monotonic() + timeout
+        """The connected nodes, once ``num_clients`` are; a NO_CLIENTS failure that says what
+        to do after ``min_nodes_timeout`` seconds (default ``timeout``)."""
+        wait = timeout if self.min_nodes_timeout is None else self.min_nodes_timeout
+        deadline = time.monotonic() + wait
+        reported = None
         while len(nodes := list(grid.get_node_ids())) < self.num_clients:
+            missing = self.num_clients - len(nodes)
             if time.monotonic() > deadline:
                 raise RoundFailure(
-                    f"only {len(nodes)} of {self.num_clients} clients connected "
-                    f"within {timeout:g} s",
+                    f"only {len(nodes)} of {self.num_clients} clients (SuperNodes) connected "
+                    f"within {wait:g} s: start {missing} more SuperNode(s) or lower run config "
+                    "'num-clients'; to wait longer, raise run config 'min-nodes-timeout' "
+                    "(fedtan run --set min-nodes-timeout=SECONDS)",
                     FailureKind.NO_CLIENTS,
                 )
-            log(INFO, "Waiting for clients: %d of %d connected", len(nodes), self.num_clients)
-            time.sleep(1)
+            if len(nodes) != reported:  # a line per change, not one a second
+                log(
+                    INFO,
+                    "Waiting for clients: %d of %d connected (at most %g s)",
+                    len(nodes),
+                    self.num_clients,
+                    wait,
+                )
+                reported = len(nodes)
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         return nodes
 
 

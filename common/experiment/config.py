@@ -65,6 +65,8 @@ class RunConfig:
     bn_sync_certfile: str = ""
     bn_sync_keyfile: str = ""
     bn_sync_ca_certfile: str = ""
+    # seconds the server waits for num-clients SuperNodes to connect before the run fails
+    min_nodes_timeout: float = 120.0
     milestones: tuple[int, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +129,10 @@ class RunConfig:
                 f"got {self.lr_milestones!r}"
             )
         object.__setattr__(self, "milestones", milestones)
+        if not self.min_nodes_timeout > 0:
+            raise ValueError(
+                f"run config 'min-nodes-timeout' must be > 0, got {self.min_nodes_timeout}"
+            )
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> RunConfig:
