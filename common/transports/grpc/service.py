@@ -475,6 +475,13 @@ class _Round:
         self._abort(message, kind, () if culprit is None else (culprit,))
         raise _Refusal(code, message)
 
+    def blame(self, client_id: str, message: str) -> NoReturn:
+        """Refuse a member's unreadable request and abort the round, naming it."""
+        with self._cond:
+            if self.failure is not None:
+                raise _Refusal(grpc.StatusCode.ABORTED, self._aborted())
+            self._blame(client_id, grpc.StatusCode.INVALID_ARGUMENT, message)
+
     def _blame(self, client_id: str, code: grpc.StatusCode, message: str) -> NoReturn:
         """Refuse a request and abort the round, with its sender at fault."""
         self._fail(code, bounded(message), AbortKind.BAD_CONTRIBUTION, client_id)
@@ -728,9 +735,7 @@ class BNSyncService:
                 try:
                     req = decode_request(body)
                 except BNSyncError as error:
-                    raise _Refusal(
-                        grpc.StatusCode.INVALID_ARGUMENT, bounded(f"malformed request: {error}")
-                    ) from None
+                    rnd.blame(client_id, f"client {client_id!r}: malformed request: {error}")
                 return rnd.reduce(client_id, req, context.add_callback)
         except _Refusal as refusal:
             context.abort(refusal.code, refusal.message)
