@@ -83,14 +83,17 @@ class GrpcBNChannel(BNChannel):
         self._seq = 0
         self._closed = False
         self._refused = False  # the service has answered with an error: it knows already
+        # A connection of its own, as a client in a process of its own has: clients of one
+        # process (tests, benchmarks) must not share the service's per-connection stream cap.
+        options = [("grpc.use_local_subchannel_pool", 1)]
         if root_certificates is None:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = grpc.insecure_channel(address, options)
         else:
             chain, key = client_certificate or (None, None)
             creds = grpc.ssl_channel_credentials(
                 root_certificates=root_certificates, private_key=key, certificate_chain=chain
             )
-            self._channel = grpc.secure_channel(address, creds)
+            self._channel = grpc.secure_channel(address, creds, options)
         # Bytes in, bytes out; registered as generated stubs do (a faster call path).
         self._reduce = self._channel.unary_unary(REDUCE_METHOD, _registered_method=True)
 

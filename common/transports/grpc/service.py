@@ -147,7 +147,9 @@ class Limits:
     handshake_timeout: float = 10.0  # s to finish the TCP/TLS/HTTP2 handshake
     max_channels: int = 4096  # the largest layer: sets the message size limits
     streams_per_connection: int = 4  # an honest client has one call at a time (and an abort)
-    connections_per_client: int = 4  # reconnects after idle closes; times max_clients
+    # Bounds memory; an outsider can fill it (it cannot block a round otherwise), so it is
+    # generous, and idle or half-open connections are closed by the timeouts above.
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True)
@@ -596,10 +598,7 @@ class BNSyncService:
             ("grpc.max_send_message_length", frame_size(limits.max_channels)),
             ("grpc.max_metadata_size", 8 * 1024),
             ("grpc.max_concurrent_streams", limits.streams_per_connection),
-            (
-                "grpc.max_allowed_incoming_connections",
-                self._max_clients * limits.connections_per_client + _SPARE_WORKERS,
-            ),
+            ("grpc.max_allowed_incoming_connections", limits.max_connections),
             ("grpc.max_connection_idle_ms", int(limits.idle_timeout * 1000)),
             ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout * 1000)),
             # Dead peers are found by pings; peers may not flood pings either.
