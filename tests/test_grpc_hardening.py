@@ -9,6 +9,7 @@ Every connection, stream and thread a test opens is bounded in count and closed 
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -19,8 +20,11 @@ import grpc
 import pytest
 import torch
 
+from common.experiment import task
+from common.experiment.config import RunConfig
 from common.fedtan.bn_channel import BNSyncError, GradSums, Moments
 from common.transports.grpc.client import GrpcBNChannel
+from common.transports.grpc.server import GrpcTransport
 from common.transports.grpc.service import (
     AbortKind,
     BNSyncService,
@@ -37,6 +41,8 @@ from common.transports.grpc.wire import (
     encode_request,
 )
 from tests import test_grpc_bn_sync as plain
+from tests.certs import make_certs
+from tests.float_noise import assert_within_rounding_noise
 from tests.test_grpc_bn_sync import (
     CLIENTS,
     FAST,
@@ -447,3 +453,196 @@ def test_error_texts_are_bounded(services, channels) -> None:
         assert len(str(error)) < 5000
     with pytest.raises(BNSyncError, match="too long"):
         encode_request(ReduceRequest("forward", "x" * 60_000, 0, encode(moments(0))))
+
+
+# --- TLS: all or nothing -----------------------------------------------------------------------
+
+
+def grpc_config(tmp_path, **keys: object) -> RunConfig:
+    return RunConfig(transport="grpc", output_dir=str(tmp_path / "out"), **keys)
+
+
+def tls_keys(tmp_path) -> dict[str, str]:
+    make_certs(tmp_path / "certs")
+    return {
+        "bn_sync_certfile": str(tmp_path / "certs" / "server.pem"),
+        "bn_sync_keyfile": str(tmp_path / "certs" / "server.key"),
+        "bn_sync_ca_certfile": str(tmp_path / "certs" / "ca.pem"),
+    }
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"bn_sync_ca_certfile": ""}, "bn-sync-ca-certfile missing"),
+        ({"bn_sync_certfile": "", "bn_sync_keyfile": ""}, "certfile, bn-sync-keyfile missing"),
+        ({"bn_sync_keyfile": "/nonexistent/key.pem"}, "'bn-sync-keyfile': cannot read"),
+        ({"bn_sync_ca_certfile": "/etc/hostname"}, "'bn-sync-ca-certfile'.* is not PEM"),
+        ({"bn_sync_host": "0.0.0.0"}, "binds every interface: set 'bn-sync-address'"),
+        ("plaintext", "no TLS: set 'bn-sync-certfile'"),
+        ("client CA without TLS", "'bn-sync-client-ca-certfile' \\(mutual TLS\\) needs TLS"),
+    ],
+)
+def test_tls_misconfigurations_stop_the_server_before_it_binds(tmp_path, keys, message) -> None:
+    """Half a TLS setup never falls back to plaintext; plaintext beyond loopback needs
+    ``bn-sync-insecure-network``; clients are never told to dial a wildcard address."""
+    config = tls_keys(tmp_path)
+    if keys == "plaintext":
+        config = {"bn_sync_host": "0.0.0.0", "bn_sync_address": "server.example:9000"}
+    elif keys == "client CA without TLS":
+        config = {"bn_sync_client_ca_certfile": config["bn_sync_ca_certfile"]}
+    else:
+        config.update(keys)
+    with pytest.raises(ValueError, match=message):
+        GrpcTransport(grpc_config(tmp_path, **config), shape=SHAPE, max_clients=3, max_retries=0)
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "trusted network"])
+def test_a_public_bind_is_accepted_with_tls_or_an_explicitly_trusted_network(
+    tmp_path, caplog, tls
+) -> None:
+    keys = tls_keys(tmp_path) if tls else {"bn_sync_insecure_network": True}
+    cfg = grpc_config(tmp_path, bn_sync_host="0.0.0.0", bn_sync_address="server:1", **keys)
+    with caplog.at_level("INFO"):
+        transport = GrpcTransport(cfg, shape=SHAPE, max_clients=3, max_retries=0)
+    try:
+        assert transport.address == "server:1"
+        assert transport.root_certificates.startswith("-----BEGIN CERTIFICATE") == tls
+    finally:
+        transport.close()
+    security = "with TLS; clients dial server:1" if tls else "with plaintext; clients dial server:1"
+    assert any(security in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_tls_client_of_a_plaintext_service_is_told_of_the_handshake(services, channels):
+    service = services()
+    credentials = service.open_round(1, ["c0"])
+    root = make_certs().ca_cert
+    channel = channels(service, 1, "c0", credentials["c0"], root_certificates=root, timeout=5)
+    with pytest.raises(BNSyncError, match="TLS handshake with the BN sync service .* failed"):
+        channel.reduce_moments("bn1", moments(0))
+
+
+def client_certificate(tmp_path) -> tuple[bytes, tuple[bytes, bytes]]:
+    """A CA for clients, and a client certificate (chain, key) it signed: PEM."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def certificate(subject: str, key, issuer: str, signer, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+            builder = builder.add_extension(usage, critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("client CA", ca_key, "client CA", ca_key, ca=True)
+    cert = certificate("client 1", key, "client CA", ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ca.public_bytes(pem), (cert.public_bytes(pem) + ca.public_bytes(pem), key_pem)
+
+
+def test_mutual_tls_admits_only_clients_with_a_certificate_of_its_ca(
+    services, channels, tmp_path
+) -> None:
+    server = make_certs(tmp_path / "server")
+    client_ca, good = client_certificate(tmp_path)
+    _, other = client_certificate(tmp_path / "other")
+    service = services(tls=(server.server_chain, server.server_key), client_ca=client_ca)
+    assert service.security == "mutual TLS"
+    credentials = service.open_round(1, ["c0"])
+    for certificate in (None, other):
+        channel = channels(
+            service,
+            1,
+            "c0",
+            credentials["c0"],
+            root_certificates=server.ca_cert,
+            client_certificate=certificate,
+            timeout=5,
+        )
+        with pytest.raises(BNSyncError, match="handshake|unreachable"):
+            channel.reduce_moments("bn1", moments(0))
+    channel = channels(
+        service,
+        1,
+        "c0",
+        credentials["c0"],
+        root_certificates=server.ca_cert,
+        client_certificate=good,
+    )
+    result = channel.reduce_moments("bn1", moments(0))
+    assert result.count == moments(0).count
+    assert service.close_round(1) is None
+
+
+# --- over Flower: the culprit is left out, the model is the remaining clients' -------------------
+
+
+def nan_mean(local: Moments, layer: str) -> tuple[Moments, str]:
+    return Moments(local.count, local.mean.clone().fill_(math.nan), local.m2), layer
+
+
+def huge_count(local: Moments, layer: str) -> tuple[Moments, str]:
+    return Moments(2**62, local.mean, local.m2), layer
+
+
+def wrong_layer(local: Moments, layer: str) -> tuple[Moments, str]:
+    return local, "features.0"
+
+
+@pytest.mark.parametrize("attack", [nan_mean, huge_count, wrong_layer])
+def test_over_grpc_a_poisoning_member_is_left_out_and_the_model_is_the_others(
+    tmp_path, monkeypatch, caplog, attack
+) -> None:
+    """Node 1001 poisons every synced step; each round is retried without it, the run completes,
+    and the model is the in-process engine's over the other two clients, finite on disk."""
+    from tests.test_flower_app import BASE, run
+
+    real = GrpcBNChannel.reduce_moments
+
+    def poisoned(self, layer, local):
+        if self.client_id == "1001" and layer != "preflight":
+            local, layer = attack(local, layer)
+        return real(self, layer, local)
+
+    monkeypatch.setattr(GrpcBNChannel, "reduce_moments", poisoned)
+    overrides = {"transport": "grpc", "bn-sync-timeout": 10.0}
+    result, _ = run(tmp_path, **overrides)
+    retries = [r.getMessage() for r in caplog.records if "Retrying without" in r.getMessage()]
+    assert retries == ["Retrying without nodes [1001]"]
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+
+    cfg = RunConfig.from_flower({**BASE, **overrides})
+    start = task.build_global_model(cfg).state_dict()
+
+    def reference(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        model = task.build_global_model(cfg).to(dtype)
+        for r in range(1, cfg.num_rounds + 1):
+            batches = task.every_client_batches(cfg, 3, r)
+            others = [[(x.to(dtype), y) for x, y in batches[k]] for k in (0, 2)]
+            model.load_state_dict(task.engine_round(model, cfg, others, r))
+        return model.state_dict()
+
+    got = result.arrays.to_torch_state_dict()
+    assert_within_rounding_noise(got, reference(torch.float32), reference(torch.float64), start)
+    saved = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert all(v.isfinite().all() for v in saved.values() if v.is_floating_point())
