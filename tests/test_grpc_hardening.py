@@ -23,6 +23,13 @@ import torch
 from common.experiment import task
 from common.experiment.config import RunConfig
 from common.fedtan.bn_channel import BNSyncError, GradSums, Moments
+from common.protocol import (
+    BN_SYNC_ADDRESS,
+    BN_SYNC_CREDENTIAL,
+    BN_SYNC_ROOT_CERTIFICATES,
+    BN_SYNC_ROUND,
+    BN_SYNC_TIMEOUT,
+)
 from common.transports.grpc.client import GrpcBNChannel
 from common.transports.grpc.server import GrpcTransport
 from common.transports.grpc.service import (
@@ -581,15 +588,22 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_of_its_ca(
         )
         with pytest.raises(BNSyncError, match="handshake|unreachable"):
             channel.reduce_moments("bn1", moments(0))
-    channel = channels(
-        service,
-        1,
-        "c0",
-        credentials["c0"],
-        root_certificates=server.ca_cert,
-        client_certificate=good,
-    )
-    result = channel.reduce_moments("bn1", moments(0))
+    # A SuperNode names its certificate in its node config; the train message names the rest.
+    (tmp_path / "client.pem").write_bytes(good[0])
+    (tmp_path / "client.key").write_bytes(good[1])
+    node_config = {
+        "bn-sync-client-certfile": str(tmp_path / "client.pem"),
+        "bn-sync-client-keyfile": str(tmp_path / "client.key"),
+    }
+    train_config = {
+        BN_SYNC_ADDRESS: f"127.0.0.1:{service.port}",
+        BN_SYNC_ROUND: 1,
+        BN_SYNC_CREDENTIAL: credentials["c0"],
+        BN_SYNC_ROOT_CERTIFICATES: server.ca_cert.decode(),
+        BN_SYNC_TIMEOUT: 10.0,
+    }
+    with GrpcBNChannel.from_train_config(train_config, "c0", node_config) as channel:
+        result = channel.reduce_moments("bn1", moments(0))
     assert result.count == moments(0).count
     assert service.close_round(1) is None
 

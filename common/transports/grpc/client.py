@@ -16,6 +16,7 @@ the other clients of the round are released at once instead of after the service
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -43,6 +44,8 @@ from common.transports.grpc.wire import (
     encode_request,
 )
 
+# Node config keys (the SuperNode's --node-config): this client's certificate for mutual TLS.
+CLIENT_CERTFILE, CLIENT_KEYFILE = "bn-sync-client-certfile", "bn-sync-client-keyfile"
 _ABORT_TIMEOUT = 2.0  # best effort: never hold up the client's own failure for long
 # Words of gRPC's UNAVAILABLE details that mean the two ends do not speak the same security.
 _HANDSHAKE_HINTS = ("ssl", "tls", "handshake", "certificate", "socket closed", "wrong version")
@@ -98,8 +101,17 @@ class GrpcBNChannel(BNChannel):
         self._reduce = self._channel.unary_unary(REDUCE_METHOD, _registered_method=True)
 
     @classmethod
-    def from_train_config(cls, config: Mapping[str, object], client_id: str) -> GrpcBNChannel:
-        """The channel a train message of transport "grpc" tells ``client_id`` to open."""
+    def from_train_config(
+        cls,
+        config: Mapping[str, object],
+        client_id: str,
+        node_config: Mapping[str, object] | None = None,
+    ) -> GrpcBNChannel:
+        """The channel a train message of transport "grpc" tells ``client_id`` to open.
+
+        ``node_config``: the SuperNode's; ``bn-sync-client-certfile`` and
+        ``bn-sync-client-keyfile`` there are this client's certificate for mutual TLS.
+        """
         root = str(config[BN_SYNC_ROOT_CERTIFICATES])
         return cls(
             str(config[BN_SYNC_ADDRESS]),
@@ -107,6 +119,7 @@ class GrpcBNChannel(BNChannel):
             client_id=client_id,
             credential=str(config[BN_SYNC_CREDENTIAL]),
             root_certificates=root.encode() if root else None,
+            client_certificate=_client_certificate(node_config or {}),
             timeout=float(config[BN_SYNC_TIMEOUT]),
         )
 
@@ -200,6 +213,19 @@ class GrpcBNChannel(BNChannel):
             return bounded(f"{where}: BN sync service at {self.address} unreachable: {details}")
         name = code.name if code is not None else "error"
         return bounded(f"{where}: BN sync service refused ({name}): {details}")
+
+
+def _client_certificate(node_config: Mapping[str, object]) -> tuple[bytes, bytes] | None:
+    """(certificate chain, key) from the node config's files, or None if it names none."""
+    paths = {key: node_config.get(key) for key in (CLIENT_CERTFILE, CLIENT_KEYFILE)}
+    if not any(paths.values()):
+        return None
+    if not all(paths.values()):
+        raise BNSyncError(f"node config: {CLIENT_CERTFILE} and {CLIENT_KEYFILE} go together")
+    try:
+        return tuple(Path(str(path)).read_bytes() for path in paths.values())
+    except OSError as error:
+        raise BNSyncError(f"node config: cannot read {error.filename}: {error.strerror}") from None
 
 
 def _first(value: object) -> Tensor:
