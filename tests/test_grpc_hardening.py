@@ -198,9 +198,15 @@ def test_a_member_holding_header_only_streams_is_named_and_left_out(
         (refused,) = [call for call in calls if call.done()]
         assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         wait_until_waiting(service, round_id, 2)
-        time.sleep(1.5)  # past the service's timeout, holding the other two calls open
+        held.extend(call for call in calls if call is not refused)
 
+    held: list[grpc.Future] = []
     errors, _ = attacked_round(service, channels, stall)
+    # The held calls end when their connection reaches its age and grace (1 + 3 x 1 + 5 s):
+    # the workers they hold are freed without the attacker's consent.
+    for call in held:
+        with pytest.raises(grpc.RpcError):
+            call.result(timeout=9 + FAST)
     assert set(errors) == {"c0", "c2"}, errors
     for error in errors.values():
         assert "'c1' sent nothing" in str(error)

@@ -601,6 +601,12 @@ class BNSyncService:
             ("grpc.max_allowed_incoming_connections", limits.max_connections),
             ("grpc.max_connection_idle_ms", int(limits.idle_timeout * 1000)),
             ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout * 1000)),
+            # The deadline on receiving a request: a member's call that never sends its body
+            # holds a worker until its connection is closed, at most this age plus the grace.
+            # The grace outlasts an honest call (the client's deadline is about 2 timeouts);
+            # calls after the age go over a fresh connection, transparently.
+            ("grpc.max_connection_age_ms", int(self._timeout * 1000)),
+            ("grpc.max_connection_age_grace_ms", int((3 * self._timeout + 5) * 1000)),
             # Dead peers are found by pings; peers may not flood pings either.
             ("grpc.keepalive_time_ms", 20_000),
             ("grpc.keepalive_timeout_ms", 10_000),
