@@ -383,6 +383,33 @@ def test_a_client_refuses_a_result_its_dtype_cannot_hold(services, channels) -> 
     assert all("not finite in torch.float32" in str(e) for e in errors.values()), errors
 
 
+def test_any_exception_while_combining_aborts_at_once_naming_a_sender(
+    services, channels, monkeypatch
+) -> None:
+    """Whatever breaks while the result is made (here the encoder, as a 64-bit overflow once
+    did), the waiting clients are released at once with a reason, not left to the timeout."""
+    import struct
+
+    from common.transports.grpc import service as service_module
+
+    def overflowing(value):
+        raise struct.error("argument out of range")
+
+    monkeypatch.setattr(service_module, "encode", overflowing)
+    service = services(timeout=PATIENT)
+    credentials = service.open_round(1, CLIENTS, SCHEDULE)
+    _, errors, elapsed = run_clients(
+        {
+            c: lambda c=c, k=k: scripted_step(channels(service, 1, c, credentials[c]), k)
+            for k, c in enumerate(CLIENTS)
+        }
+    )
+    failure = service.close_round(1)
+    assert set(errors) == set(CLIENTS) and elapsed < FAST
+    assert failure.kind is AbortKind.BAD_CONTRIBUTION and len(failure.culprits) == 1
+    assert all("argument out of range" in str(e) for e in errors.values()), errors
+
+
 # --- members: the culprit decided fairly -----------------------------------------------------
 
 
