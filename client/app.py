@@ -75,7 +75,9 @@ def bn_sync_preflight(msg: Message, context: Context) -> Message:
     """Join the round's BN sync service once, as the synced step will: proves it can."""
     config = msg.content.config_records[CONFIG_RECORD]
     probe = Moments(1, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
-    with GrpcBNChannel.from_train_config(config, str(context.node_id)) as channel:
+    with GrpcBNChannel.from_train_config(
+        config, str(context.node_id), context.node_config
+    ) as channel:
         channel.reduce_moments("preflight", probe)
     return Message(RecordDict(), reply_to=msg)
 
@@ -121,7 +123,7 @@ def _synced_step_channel(msg: Message, context: Context) -> BNChannel:
     the message says where it is (transport "grpc"), else replayed from the message."""
     config = msg.content.config_records[CONFIG_RECORD]
     if BN_SYNC_ADDRESS in config:
-        return GrpcBNChannel.from_train_config(config, str(context.node_id))
+        return GrpcBNChannel.from_train_config(config, str(context.node_id), context.node_config)
     return ReplayChannel.from_message(msg.content)
 
 

@@ -6,6 +6,7 @@ Run config ``method`` picks FedTAN or one of its baselines (``common/experiment/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -19,7 +20,8 @@ from common.experiment.methods import METHODS
 from common.fedtan.bn_sync import trace_sync_points
 from common.protocol import TrainSettings
 from common.transports.base import Transport
-from common.transports.grpc.server import GrpcTransport
+from common.transports.grpc.server import GrpcTransport, trace_sync_shape
+from common.transports.grpc.service import SyncShape
 from common.transports.messages.server import MessagesTransport, SyncPoints
 from server.baselines import baseline_strategy
 from server.results import RunRecorder
@@ -55,7 +57,9 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
     if cfg.method == "fedtan":
         inputs, targets = task.example_batch(cfg)
         sync_points = trace_sync_points(model, inputs, targets, task.loss_fn)
-        transport = make_transport(cfg, sync_points)
+        transport = make_transport(
+            cfg, sync_points, lambda: trace_sync_shape(model, inputs, targets, task.loss_fn)
+        )
         strategy: RoundStrategy = FedTAN(sync_points=sync_points, transport=transport, **loop)
     else:
         strategy = baseline_strategy(cfg, model, **loop)
@@ -95,10 +99,17 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
     return result
 
 
-def make_transport(cfg: RunConfig, sync_points: SyncPoints) -> Transport:
-    """The transport run config ``transport`` names (its choices: ``common.transports.NAMES``)."""
+def make_transport(
+    cfg: RunConfig, sync_points: SyncPoints, sync_shape: Callable[[], SyncShape]
+) -> Transport:
+    """The transport run config ``transport`` names (its choices: ``common.transports.NAMES``).
+
+    ``sync_shape``: traces the step's exchanges with their shapes, for a transport that checks
+    the clients' numbers against them (grpc)."""
     if cfg.transport == "grpc":
-        return GrpcTransport(cfg, max_clients=cfg.num_clients, max_retries=cfg.max_retries)
+        return GrpcTransport(
+            cfg, shape=sync_shape(), max_clients=cfg.num_clients, max_retries=cfg.max_retries
+        )
     if cfg.transport == "messages":
         return MessagesTransport(sync_points)
     raise ValueError(f"run config 'transport': no transport named {cfg.transport!r}")

@@ -24,6 +24,7 @@ from common.transports.grpc.client import GrpcBNChannel
 from common.transports.grpc.service import AbortKind, BNSyncService
 from common.transports.grpc.wire import (
     REDUCE_METHOD,
+    Caller,
     ErrorReply,
     ReduceRequest,
     decode,
@@ -128,11 +129,15 @@ def scripted_step(channel: BNChannel, k: int, layers: tuple[str, ...] = ("bn1", 
         channel.reduce_grad_sums(layer, grads(k))
 
 
-def raw_call(service: BNSyncService, request: bytes) -> tuple[grpc.StatusCode, str]:
-    """Send bytes as they are; returns the error status (these requests must all be refused)."""
+def raw_call(
+    service: BNSyncService, request: bytes, caller: Caller | None = None
+) -> tuple[grpc.StatusCode, str]:
+    """Send bytes as they are, as ``caller``; returns the error status (these requests must all
+    be refused)."""
+    metadata = caller.metadata() if caller else None
     with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
         with pytest.raises(grpc.RpcError) as info:
-            channel.unary_unary(REDUCE_METHOD)(request, timeout=5.0)
+            channel.unary_unary(REDUCE_METHOD)(request, timeout=5.0, metadata=metadata)
     return info.value.code(), info.value.details()
 
 
@@ -218,8 +223,10 @@ def test_wire_round_trips_exactly() -> None:
     assert decode(encode(ErrorReply("client 'c1' gave up: é"))) == ErrorReply(
         "client 'c1' gave up: é"
     )
-    req = ReduceRequest(3, "c1", "secret", "forward", "layer1.0.bn1", 12, encode(m))
+    req = ReduceRequest("forward", "layer1.0.bn1", 12, encode(m))
     assert decode_request(encode_request(req)) == req
+    caller = Caller(3, "c1", "secret")
+    assert Caller.from_metadata(caller.metadata()) == caller
 
 
 @pytest.mark.parametrize(
@@ -240,8 +247,8 @@ def test_wire_rejects_malformed_frames(mangle: Callable[[bytes], bytes], message
 
 
 def test_wire_rejects_malformed_requests() -> None:
-    request = encode_request(ReduceRequest(1, "c0", "x", "forward", "bn", 0, b""))
-    for bad in (request[:10], request[:-2], b"BNQ2" + request[4:]):
+    request = encode_request(ReduceRequest("forward", "bn", 0, b""))
+    for bad in (request[:10], request[:-2], b"BNQ1" + request[4:]):
         with pytest.raises(BNSyncError):
             decode_request(bad)
 
@@ -275,7 +282,7 @@ def test_tls_service_refuses_untrusted_and_plaintext_clients(services, channels,
     other_ca = make_certs(tmp_path / "other").ca_cert
     for root in (other_ca, None):
         channel = channels(service, 1, "c0", credentials["c0"], root_certificates=root, timeout=5)
-        with pytest.raises(BNSyncError, match="unreachable"):
+        with pytest.raises(BNSyncError, match="handshake with the BN sync service .* failed"):
             channel.reduce_moments("bn1", moments(0))
     assert service.round_failure(1) is None
 
@@ -312,9 +319,11 @@ def test_wrong_credential_is_refused_and_the_round_survives(services, channels) 
     for result in forwards.values():
         assert result.count == expected.count and torch.equal(result.mean, expected.mean)
     code, details = raw_call(
-        service, encode_request(ReduceRequest(1, "c1", "nope", "forward", "bn9", 2, b""))
+        service, encode_request(ReduceRequest("forward", "bn9", 2, b"")), Caller(1, "c1", "nope")
     )
     assert code == grpc.StatusCode.UNAUTHENTICATED and "'c1'" in details
+    code, details = raw_call(service, encode_request(ReduceRequest("forward", "bn9", 2, b"")))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "metadata" in details
 
 
 def _corrupt(value, what: str):
@@ -355,7 +364,7 @@ class _Corrupting(BNChannel):
     [
         ("nan mean", "non-finite"),
         ("negative m2", "negative"),
-        ("zero count", "positive integer"),
+        ("zero count", "count must be positive"),
         ("wrong shape", "5 channels"),
         ("inf grad sums", "non-finite"),
     ],
@@ -390,7 +399,9 @@ def test_bad_statistics_are_refused_on_arrival(services, channels) -> None:
     credentials = service.open_round(1, CLIENTS)
     nan = Moments(3, torch.full((4,), float("nan")), torch.ones(4))
     start = time.monotonic()
-    with pytest.raises(BNSyncError, match="INVALID_ARGUMENT.*client c1, layer 'bn1': mean has non"):
+    with pytest.raises(
+        BNSyncError, match="INVALID_ARGUMENT.*client 'c1': forward of layer 'bn1' .*non-finite"
+    ):
         channels(service, 1, "c1", credentials["c1"]).reduce_moments("bn1", nan)
     assert time.monotonic() - start < FAST
     with pytest.raises(BNSyncError, match="ABORTED.*non-finite"):
@@ -486,8 +497,8 @@ def wait_until_seq(service: BNSyncService, round_id: int, seq: int) -> None:
 @pytest.mark.parametrize(
     "phase, layer, message",
     [
-        ("forward", "bn9", "out of step: sent forward of layer 'bn9' (seq 0), but client(s)"),
-        ("backward", "bn1", "out of step: sent backward of layer 'bn1' (seq 0), but client(s)"),
+        ("forward", "bn9", "sent 4 channels of forward of layer 'bn9' (seq 0); the majority sent"),
+        ("backward", "bn1", "unknown layer: backward of layer 'bn1' (seq 0) without a forward"),
     ],
 )
 def test_out_of_step_layer_aborts_the_round(services, channels, phase, layer, message) -> None:
@@ -508,7 +519,8 @@ def test_out_of_step_layer_aborts_the_round(services, channels, phase, layer, me
     _, errors, elapsed = run_clients({"c0": member(0), "c1": member(1), "c2": stray})
     assert set(errors) == set(CLIENTS) and elapsed < FAST
     for error in errors.values():
-        assert f"client 'c2': {message}" in str(error)
+        assert "client 'c2'" in str(error) and message in str(error)
+    assert service.round_failure(1).culprits == ("c2",)
 
 
 def test_unknown_layer_and_skipped_seq_abort_the_round(services, channels) -> None:
@@ -521,31 +533,38 @@ def test_unknown_layer_and_skipped_seq_abort_the_round(services, channels) -> No
     credentials = service.open_round(2, ["c0", "c1"])
     code, details = raw_call(
         service,
-        encode_request(
-            ReduceRequest(2, "c1", credentials["c1"], "forward", "bn1", 3, encode(moments(1)))
-        ),
+        encode_request(ReduceRequest("forward", "bn1", 3, encode(moments(1)))),
+        Caller(2, "c1", credentials["c1"]),
     )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "client 'c1': out of step: sent forward of layer 'bn1' (seq 3) while at seq 0" in details
     assert "seq 3" in service.round_failure(2).message
 
 
-def test_undecodable_payload_aborts_but_malformed_header_does_not(services, channels) -> None:
+def test_undecodable_data_from_a_member_aborts_naming_it_but_an_outsiders_does_not(
+    services, channels
+) -> None:
     service = services()
     credentials = service.open_round(1, ["c0", "c1"])
-    code, details = raw_call(service, b"garbage")
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed request" in details
-    assert service.round_failure(1) is None  # cannot be blamed on a member
+    code, details = raw_call(service, b"garbage", Caller(1, "c1", "wrong"))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert service.round_failure(1) is None  # an outsider cannot stop a round
 
     truncated = encode(moments(1))[:-3]
     code, details = raw_call(
         service,
-        encode_request(ReduceRequest(1, "c1", credentials["c1"], "forward", "bn1", 0, truncated)),
+        encode_request(ReduceRequest("forward", "bn1", 0, truncated)),
+        Caller(1, "c1", credentials["c1"]),
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "client 'c1': undecodable payload in forward of layer 'bn1' (seq 0)" in details
     with pytest.raises(BNSyncError, match="ABORTED.*'c1': undecodable"):
         channels(service, 1, "c0", credentials["c0"]).reduce_moments("bn1", moments(0))
+
+    credentials = service.open_round(2, ["c0", "c1"])
+    code, details = raw_call(service, b"garbage", Caller(2, "c0", credentials["c0"]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed request" in details
+    assert service.round_failure(2).culprits == ("c0",)
 
 
 def test_unknown_and_closed_rounds_are_refused(services, channels) -> None:

@@ -67,6 +67,10 @@ class RunConfig:
     bn_sync_ca_certfile: str = ""
     # seconds the server waits for num-clients SuperNodes to connect before the run fails
     min_nodes_timeout: float = 120.0
+    # transport = "grpc": plaintext beyond loopback only if the network is trusted; mutual TLS
+    # (clients present certificates this CA signed) when set.
+    bn_sync_insecure_network: bool = False
+    bn_sync_client_ca_certfile: str = ""
     milestones: tuple[int, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -169,7 +173,7 @@ def _coerce(key: str, value: object, type_name: str) -> object:
     # Flower parses TOML, so ints may arrive where floats are expected; nothing else is coerced.
     if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    expected = {"str": str, "int": int, "float": float}[type_name]
-    if not isinstance(value, expected) or isinstance(value, bool):
+    expected = {"str": str, "int": int, "float": float, "bool": bool}[type_name]
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ValueError(f"run config '{key}': expected {type_name}, got {value!r}")
     return value

@@ -16,9 +16,11 @@ the other clients of the round are released at once instead of after the service
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 
 import grpc
+import torch
 from torch import Tensor
 
 from common.fedtan.bn_channel import BNChannel, BNSyncError, GradSums, Moments
@@ -33,14 +35,21 @@ from common.protocol import (
 )
 from common.transports.grpc.wire import (
     REDUCE_METHOD,
+    Caller,
     ErrorReply,
     ReduceRequest,
+    bounded,
     decode,
     encode,
     encode_request,
 )
 
+# Node config keys (the SuperNode's --node-config): this client's certificate for mutual TLS.
+CLIENT_CERTFILE, CLIENT_KEYFILE = "bn-sync-client-certfile", "bn-sync-client-keyfile"
 _ABORT_TIMEOUT = 2.0  # best effort: never hold up the client's own failure for long
+# Words of gRPC's UNAVAILABLE details that mean the two ends do not speak the same security.
+_HANDSHAKE_HINTS = ("ssl", "tls", "handshake", "certificate", "socket closed", "wrong version")
+_PLAINTEXT_HINTS = ("socket closed", "connection reset", "handshake", "http2")
 
 
 class GrpcBNChannel(BNChannel):
@@ -48,7 +57,10 @@ class GrpcBNChannel(BNChannel):
 
     ``timeout`` bounds one exchange, waiting for the slowest client included (plus a few seconds
     of grace, so that a service with the same timeout reports who it waited for first). Every
-    failure is raised as ``BNSyncError`` with the service's explanation.
+    failure is raised as ``BNSyncError`` with the service's explanation. The combined statistics
+    are checked too: finite in this client's dtype, and a union that contains this client.
+    ``client_certificate``: (certificate chain, private key) in PEM, for a service that wants
+    mutual TLS.
     """
 
     def __init__(
@@ -59,27 +71,47 @@ class GrpcBNChannel(BNChannel):
         client_id: str,
         credential: str,
         root_certificates: bytes | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,
         timeout: float = 60.0,
     ) -> None:
+        if client_certificate is not None and root_certificates is None:
+            raise ValueError("a client certificate needs TLS (root_certificates)")
         self.address, self.round_id, self.client_id = address, round_id, client_id
-        self._credential, self._timeout = credential, timeout
+        self._metadata = Caller(round_id, client_id, credential).metadata()
+        self._tls = root_certificates is not None
+        self._timeout = timeout
         # The gRPC deadline has some grace: with equal timeouts on both ends, the service, which
         # can name the client it waited for, must answer before this client gives up on its own.
         self._deadline = timeout + min(5.0, timeout / 2)
         self._seq = 0
         self._closed = False
         self._refused = False  # the service has answered with an error: it knows already
+        # A connection of its own, as a client in a process of its own has: clients of one
+        # process (tests, benchmarks) must not share the service's per-connection stream cap.
+        options = [("grpc.use_local_subchannel_pool", 1)]
         if root_certificates is None:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = grpc.insecure_channel(address, options)
         else:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.secure_channel(address, creds)
+            chain, key = client_certificate or (None, None)
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates, private_key=key, certificate_chain=chain
+            )
+            self._channel = grpc.secure_channel(address, creds, options)
         # Bytes in, bytes out; registered as generated stubs do (a faster call path).
         self._reduce = self._channel.unary_unary(REDUCE_METHOD, _registered_method=True)
 
     @classmethod
-    def from_train_config(cls, config: Mapping[str, object], client_id: str) -> GrpcBNChannel:
-        """The channel a train message of transport "grpc" tells ``client_id`` to open."""
+    def from_train_config(
+        cls,
+        config: Mapping[str, object],
+        client_id: str,
+        node_config: Mapping[str, object] | None = None,
+    ) -> GrpcBNChannel:
+        """The channel a train message of transport "grpc" tells ``client_id`` to open.
+
+        ``node_config``: the SuperNode's; ``bn-sync-client-certfile`` and
+        ``bn-sync-client-keyfile`` there are this client's certificate for mutual TLS.
+        """
         root = str(config[BN_SYNC_ROOT_CERTIFICATES])
         return cls(
             str(config[BN_SYNC_ADDRESS]),
@@ -87,6 +119,7 @@ class GrpcBNChannel(BNChannel):
             client_id=client_id,
             credential=str(config[BN_SYNC_CREDENTIAL]),
             root_certificates=root.encode() if root else None,
+            client_certificate=_client_certificate(node_config or {}),
             timeout=float(config[BN_SYNC_TIMEOUT]),
         )
 
@@ -102,7 +135,9 @@ class GrpcBNChannel(BNChannel):
             return
         request = self._request("abort", "", ErrorReply(reason), seq=self._seq)
         try:
-            self._reduce(request, timeout=min(self._timeout, _ABORT_TIMEOUT))
+            self._reduce(
+                request, timeout=min(self._timeout, _ABORT_TIMEOUT), metadata=self._metadata
+            )
         except grpc.RpcError:
             pass  # the expected answer is an error status: the round is now aborted
 
@@ -132,7 +167,7 @@ class GrpcBNChannel(BNChannel):
         request = self._request(phase, layer, local, seq=self._seq)
         self._seq += 1
         try:
-            reply = self._reduce(request, timeout=self._deadline)
+            reply = self._reduce(request, timeout=self._deadline, metadata=self._metadata)
         except grpc.RpcError as error:
             self._refused = True
             raise BNSyncError(self._explain(error, phase, layer)) from None
@@ -146,6 +181,11 @@ class GrpcBNChannel(BNChannel):
                 f"client {self.client_id!r}: the BN sync service answered {phase} of layer "
                 f"{layer!r} with {type(result).__name__} of the wrong kind or size"
             )
+        if problem := _unusable(result, local, mine.dtype):
+            raise BNSyncError(
+                f"client {self.client_id!r}: the BN sync service's result for {phase} of layer "
+                f"{layer!r} {problem}"
+            )
         # Like the in-process combine: float64, on the device of the caller's tensors (CUDA).
         device = mine.device
         if isinstance(result, Moments):
@@ -153,11 +193,7 @@ class GrpcBNChannel(BNChannel):
         return GradSums(result.sum_dy.to(device), result.sum_dy_xhat.to(device))
 
     def _request(self, phase: str, layer: str, value: object, *, seq: int) -> bytes:
-        return encode_request(
-            ReduceRequest(
-                self.round_id, self.client_id, self._credential, phase, layer, seq, encode(value)
-            )
-        )
+        return encode_request(ReduceRequest(phase, layer, seq, encode(value)))
 
     def _explain(self, error: grpc.RpcError, phase: str, layer: str) -> str:
         code = error.code() if isinstance(error, grpc.Call) else None
@@ -166,13 +202,50 @@ class GrpcBNChannel(BNChannel):
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return f"{where}: no answer from the BN sync service within {self._deadline:g} s"
         if code == grpc.StatusCode.UNAVAILABLE:
-            return f"{where}: BN sync service at {self.address} unreachable: {details}"
+            handshake = _HANDSHAKE_HINTS if self._tls else _PLAINTEXT_HINTS
+            if any(hint in str(details).lower() for hint in handshake):
+                how = "TLS" if self._tls else "plaintext"
+                return bounded(
+                    f"{where}: the {how} handshake with the BN sync service at {self.address} "
+                    f"failed (does the service use {'plaintext' if self._tls else 'TLS'}, or a "
+                    f"certificate this client does not trust?): {details}"
+                )
+            return bounded(f"{where}: BN sync service at {self.address} unreachable: {details}")
         name = code.name if code is not None else "error"
-        return f"{where}: BN sync service refused ({name}): {details}"
+        return bounded(f"{where}: BN sync service refused ({name}): {details}")
+
+
+def _client_certificate(node_config: Mapping[str, object]) -> tuple[bytes, bytes] | None:
+    """(certificate chain, key) from the node config's files, or None if it names none."""
+    paths = {key: node_config.get(key) for key in (CLIENT_CERTFILE, CLIENT_KEYFILE)}
+    if not any(paths.values()):
+        return None
+    if not all(paths.values()):
+        raise BNSyncError(f"node config: {CLIENT_CERTFILE} and {CLIENT_KEYFILE} go together")
+    try:
+        return tuple(Path(str(path)).read_bytes() for path in paths.values())
+    except OSError as error:
+        raise BNSyncError(f"node config: cannot read {error.filename}: {error.strerror}") from None
 
 
 def _first(value: object) -> Tensor:
     return value.mean if isinstance(value, Moments) else value.sum_dy
+
+
+def _unusable(result: Moments | GradSums, local: Moments | GradSums, dtype: torch.dtype) -> str:
+    """What makes a combined value unusable for this client, or "" (it is checked here again,
+    not only on the service: a client trusts its own arithmetic, not the server's)."""
+    if isinstance(result, Moments):
+        if result.count < local.count:
+            return f"has count {result.count}, less than this client's own {local.count}"
+        if not bool((result.m2 >= 0).all()):
+            return "has a negative or NaN sum of squared deviations"
+        vectors = (result.mean, result.m2 / result.count)
+    else:
+        vectors = (result.sum_dy, result.sum_dy_xhat)
+    if not all(bool(v.to(dtype).isfinite().all()) for v in vectors):
+        return f"has values that are not finite in {dtype}"
+    return ""
 
 
 __all__ = ["GrpcBNChannel"]

@@ -5,17 +5,34 @@ clients, each with a fresh credential that only travels inside Flower's own (aut
 train message. The clients then run their whole synced step over the service, their E-1 local
 steps, and reply with their models as usual. The service knows who broke a round, so its
 account decides who is at fault, not the Flower errors that merely echo it.
+
+The server knows what a round allows before it starts: the layers and their shapes from one
+traced step of the model (``trace_sync_shape``), each client's batch size from the round's
+config. The service checks every contribution against that (``RoundSchedule``).
+
+Security is all or nothing: TLS needs a certificate, its key and the CA certificate clients
+verify it with (optionally a CA for client certificates: mutual TLS); a service bound to an
+address beyond this machine without TLS is refused unless run config ``bn-sync-insecure-network``
+says that network is trusted; clients are never told to dial a wildcard address.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import ipaddress
+from collections.abc import Callable, Sequence
+from logging import INFO
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
+from torch import Tensor, nn
 
 from common.experiment.config import RunConfig
+from common.fedtan.bn_channel import BNChannel, GradSums, Moments
+from common.fedtan.bn_sync import convert_federated_batchnorm, synchronized
 from common.protocol import (
     BN_SYNC_ADDRESS,
     BN_SYNC_CREDENTIAL,
@@ -25,12 +42,23 @@ from common.protocol import (
     CONFIG_RECORD,
     MODEL_RECORD,
     QUERY_BN_SYNC_PREFLIGHT,
+    TrainSettings,
 )
 from common.transports.base import FailureKind, RoundFailure, RoundPlan, RoundSync, Transport
 from common.transports.exchange import exchange
-from common.transports.grpc.service import AbortKind, BNSyncService, RoundAbort
+from common.transports.grpc.service import (
+    AbortKind,
+    BNSyncService,
+    LayerShape,
+    Limits,
+    RoundAbort,
+    RoundSchedule,
+    SyncShape,
+)
 
 PREFLIGHT_ROUND = 0  # the service round of ``check``; training rounds are numbered from 1
+PREFLIGHT_LAYER = "preflight"  # the one exchange of ``check``: one channel, one value
+PREFLIGHT = RoundSchedule(SyncShape((PREFLIGHT_LAYER,), (), {PREFLIGHT_LAYER: LayerShape(1, 1)}), 1)
 
 _SILENT_HINT = (
     " (all clients of a round must run at the same time; in a Ray simulation give it one "
@@ -42,32 +70,45 @@ _SILENT_HINT = (
 class GrpcTransport(Transport):
     """The BN statistics travel over the ServerApp's BN sync service (started here).
 
-    ``max_retries``: the strategy's, so that every attempt at a round has a service round id
-    of its own (a late client of a failed attempt can never join the next one).
+    ``shape``: the exchanges of a step (``trace_sync_shape``). ``max_retries``: the strategy's,
+    so that every attempt at a round has a service round id of its own (a late client of a
+    failed attempt can never join the next one).
     """
 
-    def __init__(self, cfg: RunConfig, *, max_clients: int, max_retries: int) -> None:
-        tls = None
-        if cfg.bn_sync_certfile:
-            tls = (Path(cfg.bn_sync_certfile).read_bytes(), Path(cfg.bn_sync_keyfile).read_bytes())
-        self.root_certificates = (
-            Path(cfg.bn_sync_ca_certfile).read_text() if cfg.bn_sync_ca_certfile else ""
-        )
+    def __init__(
+        self, cfg: RunConfig, *, shape: SyncShape, max_clients: int, max_retries: int
+    ) -> None:
+        tls, self.root_certificates, client_ca = _tls_settings(cfg)
+        _refuse_plaintext_beyond_this_machine(cfg, tls is not None)
+        if not cfg.bn_sync_address:
+            _dial_address(cfg.bn_sync_host, cfg.bn_sync_port)  # refuses a wildcard before binding
+        self.shape = shape
         self.service = BNSyncService(
             cfg.bn_sync_host,
             cfg.bn_sync_port,
             tls=tls,
+            client_ca=client_ca,
             timeout=cfg.bn_sync_timeout,
             max_clients=max_clients,
+            limits=Limits(max_channels=shape.max_channels),
         )
         port = self.service.start()
-        self.address = cfg.bn_sync_address or f"{cfg.bn_sync_host}:{port}"
+        self.address = cfg.bn_sync_address or _dial_address(cfg.bn_sync_host, port)
         self.client_timeout = cfg.bn_sync_timeout * 2  # the service, which names culprits, first
         self.attempts_per_round = max_retries + 1
+        log(
+            INFO,
+            "BN sync service listening on %s:%d with %s; clients dial %s",
+            cfg.bn_sync_host,
+            port,
+            self.service.security,
+            self.address,
+        )
 
     def open_round(self, grid: Grid, plan: RoundPlan) -> GrpcRound:
         round_id = plan.server_round * self.attempts_per_round + plan.attempt
-        return GrpcRound(self, round_id, plan)
+        batch = TrainSettings.from_config(plan.config).batch_size
+        return GrpcRound(self, round_id, plan, RoundSchedule(self.shape, batch))
 
     def check(self, grid: Grid, nodes: Sequence[int], timeout: float) -> None:
         """Before round 1: ``nodes`` join the service together once, or the run stops here.
@@ -85,7 +126,7 @@ class GrpcTransport(Transport):
             group_id="fedtan-bn-sync-preflight",
             timeout=timeout,
         )
-        sync = GrpcRound(self, PREFLIGHT_ROUND, plan)
+        sync = GrpcRound(self, PREFLIGHT_ROUND, plan, PREFLIGHT)
         try:
             exchange(grid, sync.train_messages(), timeout=timeout)
             sync.finish()
@@ -102,11 +143,14 @@ class GrpcTransport(Transport):
 class GrpcRound(RoundSync):
     """One service round: opened here, closed by ``finish`` or ``abort``."""
 
-    def __init__(self, transport: GrpcTransport, round_id: int, plan: RoundPlan) -> None:
+    def __init__(
+        self, transport: GrpcTransport, round_id: int, plan: RoundPlan, schedule: RoundSchedule
+    ) -> None:
         self.transport = transport
         self.round_id = round_id
         self.plan = plan
-        self.credentials = transport.service.open_round(round_id, [str(n) for n in plan.nodes])
+        nodes = [str(n) for n in plan.nodes]
+        self.credentials = transport.service.open_round(round_id, nodes, schedule)
         self.closed = False
 
     def train_messages(self) -> list[Message]:
@@ -162,3 +206,113 @@ def _failure(abort: RoundAbort) -> RoundFailure:
         culprits,
         {node: abort.kind.value for node in culprits},
     )
+
+
+def trace_sync_shape(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Callable[..., Tensor]
+) -> SyncShape:
+    """The exchanges of one synced step of ``model``, from one step on a copy as one client:
+    the layers in order, their channels and values per sample, the statistics' dtype."""
+    tracer = _ShapeTracer(len(inputs))
+    traced = convert_federated_batchnorm(copy.deepcopy(model)).train()
+    with synchronized(traced, tracer):
+        loss_fn(traced(inputs), targets).backward()
+    limit = float(torch.finfo(tracer.dtype).max)
+    return SyncShape(tuple(tracer.forward), tuple(tracer.backward), tracer.layers, limit)
+
+
+class _ShapeTracer(BNChannel):
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.forward: list[str] = []
+        self.backward: list[str] = []
+        self.layers: dict[str, LayerShape] = {}
+        self.dtype = torch.float64
+
+    def reduce_moments(self, layer: str, local: Moments) -> Moments:
+        self.forward.append(layer)
+        self.layers[layer] = LayerShape(len(local.mean), local.count // self.batch)
+        self.dtype = local.mean.dtype  # the statistics' dtype: float32 at least (bn_sync)
+        return local
+
+    def reduce_grad_sums(self, layer: str, local: GradSums) -> GradSums:
+        self.backward.append(layer)
+        return local
+
+
+def _tls_settings(cfg: RunConfig) -> tuple[tuple[bytes, bytes] | None, str, bytes | None]:
+    """(server certificate chain and key, CA certificate for the clients, CA of the clients'
+    certificates) from run config; all or nothing, each file readable, or ``ValueError``."""
+    files = {
+        "bn-sync-certfile": cfg.bn_sync_certfile,
+        "bn-sync-keyfile": cfg.bn_sync_keyfile,
+        "bn-sync-ca-certfile": cfg.bn_sync_ca_certfile,
+    }
+    given = [key for key, path in files.items() if path]
+    if given and len(given) != len(files):
+        missing = [key for key in files if key not in given]
+        raise ValueError(
+            f"run config: TLS for the BN sync service needs {', '.join(files)} together; "
+            f"{', '.join(missing)} missing (clients would otherwise dial in plaintext)"
+        )
+    if cfg.bn_sync_client_ca_certfile and not given:
+        raise ValueError(
+            "run config 'bn-sync-client-ca-certfile' (mutual TLS) needs TLS: set "
+            "'bn-sync-certfile', 'bn-sync-keyfile' and 'bn-sync-ca-certfile' too"
+        )
+    if not given:
+        return None, "", None
+    read = {key: _read(key, path) for key, path in files.items()}
+    client_ca = (
+        _read("bn-sync-client-ca-certfile", cfg.bn_sync_client_ca_certfile)
+        if cfg.bn_sync_client_ca_certfile
+        else None
+    )
+    root = read["bn-sync-ca-certfile"]
+    if b"BEGIN CERTIFICATE" not in root:
+        raise ValueError(f"run config 'bn-sync-ca-certfile': {cfg.bn_sync_ca_certfile} is not PEM")
+    tls = (read["bn-sync-certfile"], read["bn-sync-keyfile"])
+    return tls, root.decode("ascii", errors="replace"), client_ca
+
+
+def _read(key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"run config '{key}': cannot read {path}: {error.strerror}") from None
+
+
+def _refuse_plaintext_beyond_this_machine(cfg: RunConfig, tls: bool) -> None:
+    """Credentials and statistics must not cross a network in the clear unless told to."""
+    if tls or cfg.bn_sync_insecure_network or _is_loopback(cfg.bn_sync_host):
+        return
+    raise ValueError(
+        f"run config 'bn-sync-host' = {cfg.bn_sync_host!r} is reachable from other machines, "
+        "and the BN sync service has no TLS: set 'bn-sync-certfile', 'bn-sync-keyfile' and "
+        "'bn-sync-ca-certfile', or 'bn-sync-insecure-network' = true if that network is trusted"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _dial_address(host: str, port: int) -> str:
+    """What clients dial when run config does not say: the bound address, but never a
+    wildcard (0.0.0.0 or ::), which names no machine to dial."""
+    bare = host.strip("[]")
+    try:
+        wildcard = ipaddress.ip_address(bare).is_unspecified
+    except ValueError:
+        wildcard = False
+    if wildcard:
+        raise ValueError(
+            f"run config 'bn-sync-host' = {host!r} binds every interface: set 'bn-sync-address' "
+            "to the host:port clients dial (e.g. the server's public name and this port)"
+        )
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"

@@ -10,14 +10,17 @@ adds no rounding of its own.
     GRAD_SUMS  header, C: uint32, sum_dy: C x float64, sum_dy_xhat: C x float64
     ERROR      header, n: uint32, message: n bytes of UTF-8
 
-``ReduceRequest`` is one client's contribution to one exchange of a round (what the gRPC service
-receives); its payload stays bytes until the sender is authenticated, so that undecodable data
-can be blamed on a known client.
+``ReduceRequest`` is one client's contribution to one exchange of a round (the body of a call).
+Who sends it travels apart, in the call's metadata (``Caller``): the service authenticates a call
+from its headers alone, before it reads a body or lends it a worker thread, so an outsider costs
+it nothing but a refusal. Every size is bounded, so the service can set gRPC's message limits
+from the model's largest layer (``request_size``, ``frame_size``).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,9 +41,14 @@ _MAX_CHANNELS = 1 << 24  # refuses absurd sizes before allocating anything
 SERVICE_NAME = "fedtan.BNSync"
 REDUCE_METHOD = f"/{SERVICE_NAME}/Reduce"
 
-_REQUEST_MAGIC = b"BNQ1"
-_REQUEST_HEAD = struct.Struct("<4sqq")  # magic, round id, sequence number
+_REQUEST_MAGIC = b"BNQ2"
+_REQUEST_HEAD = struct.Struct("<4sq")  # magic, sequence number
 _U16 = struct.Struct("<H")
+MAX_NAME = 256  # bytes of a layer or phase name; a BN layer's qualified name is far shorter
+MAX_MESSAGE = 4096  # characters of an error text that travels (gRPC caps metadata at 16 KiB)
+
+# Call metadata: who is calling (gRPC metadata keys are lower-case ASCII).
+_ROUND_KEY, _CLIENT_KEY, _CREDENTIAL_KEY = "bn-sync-round", "bn-sync-client", "bn-sync-credential"
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ def encode(value: Payload) -> bytes:
             (_HEADER.pack(_MAGIC, _KIND_GRAD_SUMS), _U32.pack(len(s1)), s1.tobytes(), s2.tobytes())
         )
     if isinstance(value, ErrorReply):
-        text = value.message.encode("utf-8")
+        text = bounded(value.message).encode("utf-8")
         return _HEADER.pack(_MAGIC, _KIND_ERROR) + _U32.pack(len(text)) + text
     raise TypeError(f"cannot encode {type(value).__name__}")
 
@@ -101,6 +109,8 @@ def decode(data: bytes) -> Payload:
         return GradSums(s1, s2)
     if kind == _KIND_ERROR:
         (size,) = _unpack(_U32, data, offset, "error")
+        if size > 4 * MAX_MESSAGE:  # UTF-8 takes at most 4 bytes a character
+            raise BNSyncError(f"error frame claims {size} bytes of text")
         _expect_length(data, offset + _U32.size + size, "error")
         try:
             return ErrorReply(data[offset + _U32.size :].decode("utf-8"))
@@ -110,16 +120,45 @@ def decode(data: bytes) -> Payload:
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who makes a call: a client of a service round, with its credential (call metadata)."""
+
+    round_id: int
+    client_id: str
+    credential: str
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (
+            (_ROUND_KEY, str(self.round_id)),
+            (_CLIENT_KEY, self.client_id),
+            (_CREDENTIAL_KEY, self.credential),
+        )
+
+    @classmethod
+    def from_metadata(cls, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller | None:
+        """The caller a call's metadata names; None unless it names exactly one, well formed."""
+        found: dict[str, list[str | bytes]] = {}
+        for key, value in metadata or ():
+            found.setdefault(key, []).append(value)
+        fields = [found.get(key, []) for key in (_ROUND_KEY, _CLIENT_KEY, _CREDENTIAL_KEY)]
+        if any(len(values) != 1 or not isinstance(values[0], str) for values in fields):
+            return None
+        (round_text,), (client_id,), (credential,) = fields
+        if not round_text.isascii() or not round_text.isdigit() or len(round_text) > 18:
+            return None
+        if not client_id or len(client_id) > MAX_NAME:
+            return None
+        return cls(int(round_text), client_id, credential)
+
+
+@dataclass(frozen=True)
 class ReduceRequest:
-    """One client's contribution to exchange ``seq`` of round ``round_id``.
+    """One client's contribution to exchange ``seq`` of its round (the caller is in metadata).
 
     ``phase`` is "forward" (payload: Moments), "backward" (GradSums) or "abort" (ErrorReply: the
     client gives up and the round must stop). ``payload`` is an encoded frame.
     """
 
-    round_id: int
-    client_id: str
-    credential: str
     phase: str
     layer: str
     seq: int
@@ -127,11 +166,11 @@ class ReduceRequest:
 
 
 def encode_request(request: ReduceRequest) -> bytes:
-    parts = [_REQUEST_HEAD.pack(_REQUEST_MAGIC, request.round_id, request.seq)]
-    for name in ("client_id", "credential", "phase", "layer"):
+    parts = [_REQUEST_HEAD.pack(_REQUEST_MAGIC, request.seq)]
+    for name in ("phase", "layer"):
         text = getattr(request, name).encode("utf-8")
-        if len(text) > 0xFFFF:
-            raise BNSyncError(f"request {name} is too long ({len(text)} bytes)")
+        if len(text) > MAX_NAME:
+            raise BNSyncError(f"request {name} is too long ({len(text)} bytes, at most {MAX_NAME})")
         parts += [_U16.pack(len(text)), text]
     parts.append(request.payload)
     return b"".join(parts)
@@ -140,13 +179,15 @@ def encode_request(request: ReduceRequest) -> bytes:
 def decode_request(data: bytes) -> ReduceRequest:
     """The request's header fields; its payload is returned undecoded."""
     data = bytes(data)
-    magic, round_id, seq = _unpack(_REQUEST_HEAD, data, 0, "request")
+    magic, seq = _unpack(_REQUEST_HEAD, data, 0, "request")
     if magic != _REQUEST_MAGIC:
         raise BNSyncError(f"not a BN reduce request: magic {magic!r}")
     offset, texts = _REQUEST_HEAD.size, []
-    for name in ("client_id", "credential", "phase", "layer"):
+    for name in ("phase", "layer"):
         (size,) = _unpack(_U16, data, offset, f"request {name}")
         offset += _U16.size
+        if size > MAX_NAME:
+            raise BNSyncError(f"request {name} is too long ({size} bytes, at most {MAX_NAME})")
         if offset + size > len(data):
             raise BNSyncError(f"request truncated in {name}")
         try:
@@ -154,7 +195,26 @@ def decode_request(data: bytes) -> ReduceRequest:
         except UnicodeDecodeError:
             raise BNSyncError(f"request {name} is not UTF-8") from None
         offset += size
-    return ReduceRequest(round_id, *texts[:2], texts[2], texts[3], seq, data[offset:])
+    return ReduceRequest(texts[0], texts[1], seq, data[offset:])
+
+
+def frame_size(channels: int) -> int:
+    """Bytes of the largest frame of a layer with ``channels`` channels (MOMENTS)."""
+    return _HEADER.size + _COUNT_AND_C.size + 2 * channels * _F64.itemsize
+
+
+def request_size(channels: int) -> int:
+    """Bytes of the largest request for such a layer (an abort's error frame included)."""
+    names = 2 * (_U16.size + MAX_NAME)
+    error = _HEADER.size + _U32.size + 4 * MAX_MESSAGE
+    return _REQUEST_HEAD.size + names + max(frame_size(channels), error)
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, saying so: error texts travel in gRPC metadata."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 40] + f"... ({len(text) - limit + 40} characters cut)"
 
 
 # --- helpers ------------------------------------------------------------------------------
