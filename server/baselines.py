@@ -66,10 +66,12 @@ class GlobalBNStatistics(RoundStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord, MetricRecord]:
         replies = list(replies)
-        averaged, metrics = super().aggregate_train(server_round, replies)  # checks the replies
+        # Checked first: a bad client's moments would otherwise fail the average unnamed.
         states = []
         for reply in replies:
             node = reply.metadata.src_node_id
+            if MODEL_RECORD not in reply.content.array_records:
+                continue  # RoundStrategy.aggregate_train names the malformed reply
             state = reply.content.array_records[MODEL_RECORD].to_torch_state_dict()
             try:
                 for layer in self.layers:
@@ -79,6 +81,7 @@ class GlobalBNStatistics(RoundStrategy):
                     f"node {node}: unusable BN moments ({error})", FailureKind.BAD_REPLY, {node}
                 ) from None
             states.append(state)
+        averaged, metrics = super().aggregate_train(server_round, replies)
         global_state = averaged.to_torch_state_dict()
         global_state.update(pooled_statistics(states, self.layers))
         return ArrayRecord(global_state), metrics
