@@ -3,7 +3,9 @@
 * ``train.local``: load the global entries the message carries over this client's own entries
   (the BN layers FedBN/SiloBN keep, from ``context.state``; the initial model's before the
   first round), take E plain local steps (FixBN's later rounds: with frozen BN statistics), keep
-  the own entries again and reply with the rest.
+  the own entries again and reply with the rest. FBN and HybridBN: the same; their BN layers
+  normalize with the global statistics the model carries and record the moments of this round's
+  inputs, which go back with the model for the server to pool.
 * ``evaluate.local``: the same model, evaluated on the test data (methods without one global
   model).
 

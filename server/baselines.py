@@ -2,25 +2,28 @@
 
 ``RoundStrategy`` alone is FedAvg (E plain local steps, everything averaged): "fedavg-bn" and,
 on the GroupNorm network, "fedavg-gn". FedBN and SiloBN are the same loop with ``local_keys``
-(what never leaves a client); FixBN adds a flag to the train config after its switch round; the
-centralized reference trains on the server, without clients.
+(what never leaves a client); FixBN adds a flag to the train config after its switch round; FBN
+and HybridBN pool the BN moments the clients recorded into the next round's global statistics;
+the centralized reference trains on the server, without clients.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
 
 from common.experiment import task
+from common.experiment.bn_baselines import global_stats_layers, pooled_statistics, recorded_moments
 from common.experiment.config import RunConfig
 from common.experiment.methods import METHODS, centralized_round, local_keys
 from common.fedtan import Batch
-from common.protocol import FREEZE_BN_STATS, NUM_EXAMPLES, TRAIN_LOSS, TrainSettings
-from common.transports.base import RoundPlan
+from common.fedtan.bn_channel import BNSyncError, check_moments
+from common.protocol import FREEZE_BN_STATS, MODEL_RECORD, NUM_EXAMPLES, TRAIN_LOSS, TrainSettings
+from common.transports.base import FailureKind, RoundFailure, RoundPlan
 from server.strategy import RoundStrategy
 
 BatchesFn = Callable[[int, int, int], Sequence[Sequence[Batch]]]
@@ -41,6 +44,47 @@ class FixBN(RoundStrategy):
         config = super().round_config(server_round, config)
         config[FREEZE_BN_STATS] = server_round > self.switch_round
         return config
+
+
+class GlobalBNStatistics(RoundStrategy):
+    """FBN and HybridBN: FedAvg whose BN ``layers`` normalize with global statistics. The
+    clients' models carry the moments each layer recorded in the round (model traffic, like the
+    rest of the state); the server pools them into the next round's global statistics, the
+    union's mean and variance, and averages everything else. A client whose moments are unusable
+    fails the round and is named, like any bad reply."""
+
+    def __init__(self, *, layers: Sequence[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not layers:
+            raise ValueError(f"{self.name}: the model has no BatchNorm layers to pool")
+        self.layers = tuple(layers)
+
+    def describe(self) -> str:
+        return f"{self.name}: global statistics of {len(self.layers)} BN layers pooled per round"
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        replies = list(replies)
+        # Checked first: a bad client's moments would otherwise fail the average unnamed.
+        states = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if MODEL_RECORD not in reply.content.array_records:
+                continue  # RoundStrategy.aggregate_train names the malformed reply
+            state = reply.content.array_records[MODEL_RECORD].to_torch_state_dict()
+            try:
+                for layer in self.layers:
+                    check_moments(node, layer, recorded_moments(state, layer))
+            except (BNSyncError, KeyError) as error:
+                raise RoundFailure(
+                    f"node {node}: unusable BN moments ({error})", FailureKind.BAD_REPLY, {node}
+                ) from None
+            states.append(state)
+        averaged, metrics = super().aggregate_train(server_round, replies)
+        global_state = averaged.to_torch_state_dict()
+        global_state.update(pooled_statistics(states, self.layers))
+        return ArrayRecord(global_state), metrics
 
 
 class Centralized(RoundStrategy):
@@ -111,6 +155,8 @@ def baseline_strategy(cfg: RunConfig, model: nn.Module, **kwargs) -> RoundStrate
             ]
 
         return Centralized(model=copy.deepcopy(model), batches=batches, **kwargs)
+    if method.pools_bn_statistics:
+        return GlobalBNStatistics(name=cfg.method, layers=global_stats_layers(model), **kwargs)
     if method.freeze_bn_stats:
         return FixBN(switch_round=cfg.fixbn_switch, **kwargs)
     return RoundStrategy(name=cfg.method, local_keys=local_keys(model, method), **kwargs)

@@ -15,6 +15,10 @@ says
 * ``label``: its name in tables and plots.
 * ``freeze_bn_stats``: FixBN: after the switch round, clients normalize with the global running
   statistics (BN in eval mode while training) and no longer update them.
+* ``batchnorm``: the BN layers the model trains with: "torch" (as built), or, converted from
+  them (``bn_baselines.py``), "fbn" (normalize with the global statistics) or "hybridbn" (a
+  learned blend of global and batch statistics). With "fbn" and "hybridbn" the server pools the
+  moments the clients recorded into the next round's global statistics.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.experiment.bn_baselines import convert_fbn, convert_hybridbn, reset_round_moments
 from common.fedtan import Batch, LossFn, train_client
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -42,7 +47,12 @@ class Method:
     keep: str = "none"  # "none" | "bn" | "bn-stats"
     evaluate_on_clients: bool = False
     freeze_bn_stats: bool = False
+    batchnorm: str = "torch"  # "torch" | "fbn" | "hybridbn"
     paper: str = ""
+
+    @property
+    def pools_bn_statistics(self) -> bool:
+        return self.batchnorm != "torch"
 
 
 METHODS = {
@@ -97,8 +107,29 @@ METHODS = {
             freeze_bn_stats=True,
             paper="Zhong, Chen, Chao 2024",
         ),
+        Method(
+            "fbn",
+            "FBN",
+            train="local",
+            batchnorm="fbn",
+            paper="Guerraoui et al. 2024 (arXiv 2405.14670)",
+        ),
+        Method(
+            "hybridbn",
+            "HybridBN",
+            train="local",
+            batchnorm="hybridbn",
+            paper="Chen et al. 2025 (arXiv 2505.21877, ICML)",
+        ),
     )
 }
+
+_CONVERTERS = {"torch": lambda model: model, "fbn": convert_fbn, "hybridbn": convert_hybridbn}
+
+
+def with_method_batchnorm(model: nn.Module, method: Method) -> nn.Module:
+    """``model`` with the BN layers ``method`` trains with (the same model for "torch")."""
+    return _CONVERTERS[method.batchnorm](model)
 
 
 def local_keys(model: nn.Module, method: Method) -> frozenset[str]:
@@ -148,7 +179,10 @@ def train_local(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
 ) -> list[float]:
-    """E plain local steps (FedAvg's client), optionally with frozen BN statistics (FixBN)."""
+    """E plain local steps (FedAvg's client), optionally with frozen BN statistics (FixBN).
+
+    FBN and HybridBN layers record the moments of this round's inputs only (a no-op without)."""
+    reset_round_moments(model)
     net = FrozenBNStats(model) if freeze_bn_stats else model
     return train_client(net, batches, loss_fn, lr=lr, momentum=momentum, weight_decay=weight_decay)
 

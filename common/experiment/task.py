@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from common.experiment.config import RunConfig
 from common.experiment.data import TensorDataset, eval_batches, load_dataset, round_batches
+from common.experiment.methods import METHODS, with_method_batchnorm
 from common.experiment.models import build_model
 from common.experiment.partition import partition
 from common.fedtan import Batch, ClientReplicas, synced_round
@@ -110,12 +111,14 @@ def engine_round(
 
 
 def build_global_model(cfg: RunConfig) -> nn.Module:
-    """The initial global model; seeded, so every process builds the same one."""
+    """The initial global model, with the BN layers of ``cfg.method`` (FBN, HybridBN: converted);
+    seeded, so every process builds the same one."""
     test = eval_dataset(cfg)
     torch.manual_seed(cfg.seed)
-    return build_model(
+    model = build_model(
         cfg.model, in_channels=test.in_channels, num_classes=test.num_classes, norm=cfg.norm
     )
+    return with_method_batchnorm(model, METHODS[cfg.method])
 
 
 def example_batch(cfg: RunConfig, size: int = 4) -> Batch:
