@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from common.fedtan import synced_round
-from common.fedtan.batched import BatchedClients, batching_obstacle
+from common.fedtan.batched import CPU_BATCHED_MAX_SAMPLES, BatchedClients, batching_obstacle
 from common.fedtan.engine import ClientReplicas
 from tests.devices import device_params
 from tests.float_noise import assert_within_rounding_noise, relative_error
@@ -216,6 +216,17 @@ def test_synced_round_runs_equal_batches_batched_by_default(monkeypatch):
     assert relative_error(got, threaded_round(model, batches, **SGD), model.state_dict()) <= (
         F64_REL_TOL
     )
+
+
+def test_on_the_cpu_large_batches_run_as_threads_by_default(monkeypatch):
+    """Where the threads are the faster engine (batched.py: CPU_BATCHED_MAX_SAMPLES)."""
+    calls = count_batched_rounds(monkeypatch)
+    model = make_model("2d-input", torch.float64)
+    for size in (CPU_BATCHED_MAX_SAMPLES, CPU_BATCHED_MAX_SAMPLES + 1):
+        batches = make_batches("2d-input", (size, size), torch.float64)
+        synced_round(model, batches, nn.CrossEntropyLoss(), **SGD)
+        synced_round(model, batches, nn.CrossEntropyLoss(), batched=True, **SGD)
+    assert calls == [2, 2, 2]
 
 
 # model, client batch sizes, local steps, what the obstacle names

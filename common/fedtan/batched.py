@@ -22,7 +22,7 @@ average of the K states (``average_states``), as the threaded engine returns.
 
 ``batching_obstacle`` says why a round cannot run batched (unequal client batches, BN momentum
 None, half precision or autocast, a BN layer with its own forward); the caller then runs the
-threaded engine.
+threaded engine. ``batching_pays_off`` says whether it is the faster engine for a round.
 """
 
 from __future__ import annotations
@@ -188,6 +188,25 @@ def batching_obstacle(model: nn.Module, client_batches: Sequence[Sequence[Batch]
     return None
 
 
+# On the CPU, vmap's grouped convolutions cost more than K separate ones once a client's batch
+# is large: bench_round.py (ResNet-20, 5 clients, one thread, CPU seconds per round against a
+# centralized step) measured batched 2.0x / threads 2.5x at 8 samples per client, and batched
+# 1.9x / threads 1.4x at 32 (1.6x / 0.76x at 128). Up to this many samples, batching wins.
+CPU_BATCHED_MAX_SAMPLES = 16
+
+
+def batching_pays_off(client_batches: Sequence[Sequence[Batch]]) -> bool:
+    """Whether the batched engine is the faster one for this round (``synced_round``'s default):
+    on an accelerator always (each small kernel launch is the cost that batching removes); on
+    the CPU while the clients' batches are small (see ``CPU_BATCHED_MAX_SAMPLES``)."""
+    inputs = client_batches[0][0][0]
+    if inputs.device.type != "cpu":
+        return True
+    return max(len(y) for batches in client_batches for _, y in batches) <= (
+        CPU_BATCHED_MAX_SAMPLES
+    )
+
+
 class BatchedClients:
     """The structure the batched engine runs for ``model``: a copy whose BN layers can normalize
     over the union batch. Made once per model and reused round after round; its own tensors are
@@ -277,4 +296,4 @@ def _layout(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype, torch.
     ]
 
 
-__all__ = ["BatchedClients", "batching_obstacle"]
+__all__ = ["BatchedClients", "batching_obstacle", "batching_pays_off"]

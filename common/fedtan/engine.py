@@ -6,8 +6,9 @@ layers act as one BN over the union of all clients' batches, through a ``BNChann
 the number of samples each trained on.
 
 ``synced_round`` runs the K clients batched, as one vmapped computation (``batched.py``), when the
-round allows it (equal client batch sizes, float32/64, no autocast), and otherwise as threads of
-this process over an ``InProcessHub``. Both give the same model; with one batch per client it
+round allows it (equal client batch sizes, float32/64, no autocast) and it is the faster engine
+(on an accelerator; on the CPU for small batches), and otherwise as threads of this process over
+an ``InProcessHub``. Both give the same model; with one batch per client it
 equals one step of ``torch.optim.SGD`` on the concatenated batches. Pass it a ``ClientReplicas``
 to run many rounds: the client models are then made once, instead of once per round.
 """
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from common.fedtan.aggregation import average_states
-from common.fedtan.batched import BatchedClients, batching_obstacle
+from common.fedtan.batched import BatchedClients, batching_obstacle, batching_pays_off
 from common.fedtan.bn_channel import BNChannel, BNSyncError
 from common.fedtan.bn_sync import convert_federated_batchnorm, has_batchnorm, synchronized
 from common.fedtan.inprocess import InProcessHub
@@ -140,8 +141,9 @@ def synced_round(
     case the round is plain federated averaging. ``replicas`` (made from this ``model``) keeps the
     client models between rounds; without it the round makes fresh ones.
 
-    ``batched``: None runs the clients batched when ``batching_obstacle`` allows it and falls
-    back to threads otherwise (also when the batched round fails or gives non-finite values, so
+    ``batched``: None runs the clients batched when ``batching_obstacle`` allows it and
+    ``batching_pays_off`` (on an accelerator; on the CPU for small batches), and as threads
+    otherwise (also when the batched round fails or gives non-finite values, so
     that the threaded engine's checks name the client and layer at fault); True insists on it
     (ValueError naming the obstacle); False always uses threads.
     """
@@ -217,6 +219,8 @@ def _batched_round(
     replicas: ClientReplicas | None,
 ) -> dict[str, Tensor] | None:
     """The round run batched, or None where the threaded engine must run it."""
+    if required is None and not batching_pays_off(client_batches):
+        return None
     obstacle = batching_obstacle(model, client_batches)
     if obstacle is not None:
         if required:
