@@ -46,28 +46,31 @@ _BATCHED_DTYPES = (torch.float32, torch.float64)
 
 
 class _ToClientsStack(torch.autograd.Function):
-    """Under vmap over the clients: the per-client tensor becomes the physical stack of all K
-    (an unbatched ``(K, ...)`` tensor), so that one computation can see the union batch."""
+    """Under vmap over the clients: each per-client tensor becomes the physical stack of all K
+    (an unbatched ``(K, ...)`` tensor), so that one computation can see the union batch. One
+    call for all of a layer's tensors: each call of a Function under vmap costs Python work."""
 
     @staticmethod
-    def forward(x: Tensor) -> Tensor:  # outside vmap: a stack of one client
-        return x.unsqueeze(0)
+    def forward(*tensors: Tensor) -> tuple[Tensor, ...]:  # outside vmap: stacks of one client
+        return tuple(t.unsqueeze(0) for t in tensors)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         pass
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.squeeze(0)
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor, ...]:
+        return tuple(g.squeeze(0) for g in grads)
 
     @staticmethod
-    def vmap(info, in_dims, x: Tensor):
-        (dim,) = in_dims
-        if dim is None:  # the same tensor for every client
-            return x.unsqueeze(0).expand(info.batch_size, *x.shape), None
-        # A plain view of the physical tensor: autograd records it like any other op.
-        return x.movedim(dim, 0), None
+    def vmap(info, in_dims, *tensors: Tensor):
+        stacks = tuple(
+            # The same tensor for every client, or a plain view of the physical tensor
+            # (autograd records it like any other op).
+            t.unsqueeze(0).expand(info.batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
+            for t, dim in zip(tensors, in_dims, strict=True)
+        )
+        return stacks, (None,) * len(stacks)
 
 
 class _FromClientsStack(torch.autograd.Function):
@@ -98,18 +101,23 @@ class _FromClientsStack(torch.autograd.Function):
 def _union_batch_norm(layer: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
     """``layer``'s training forward over the union of the K clients' batches (``x`` per client,
     under vmap): union statistics, each client's own affine parameters."""
-    stack = _ToClientsStack.apply(x)  # (K, B, C, *spatial)
-    num_clients = stack.shape[0]
     momentum = layer.momentum  # not None: batching_obstacle
-    running_mean = running_var = None
-    if layer.training and layer.track_running_stats and layer.running_mean is not None:
+    affine = layer.weight is not None
+    track = layer.track_running_stats and layer.running_mean is not None
+    if track:
         layer.num_batches_tracked.add_(1)
+    per_client = [x]
+    if affine:
+        per_client += [layer.weight, layer.bias]
+    if track:
+        per_client += [layer.running_mean, layer.running_var]
+    stack, *stacks = _ToClientsStack.apply(*per_client)  # stack: (K, B, C, *spatial)
+    running_mean = running_var = None
+    if track:
         # Every client holds the same running statistics in the synchronized step (all start
         # from the global model and add the same union statistics): update one copy, give it
         # to all.
-        with torch.no_grad():
-            running_mean = _ToClientsStack.apply(layer.running_mean)[0].clone()
-            running_var = _ToClientsStack.apply(layer.running_var)[0].clone()
+        running_mean, running_var = (s[0].detach().clone() for s in stacks[-2:])
     # torch's own kernel over the union batch: its statistics (and its running-statistics update,
     # unbiased over the union) are the centralized BN's. vmap's convolutions leave the samples
     # outside the clients in memory ((B, K, C, ...)): flatten in that order, a view, not a copy.
@@ -120,14 +128,13 @@ def _union_batch_norm(layer: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tens
     ).view(union.shape)
     if union is samples_first:
         xhat = xhat.transpose(0, 1)
-    if running_mean is not None:
+    if track:
         with torch.no_grad():
             layer.running_mean.copy_(running_mean)
             layer.running_var.copy_(running_var)
-    if layer.weight is not None:
-        per_channel = (num_clients, 1, -1, *([1] * (stack.dim() - 3)))
-        weight = _ToClientsStack.apply(layer.weight).view(per_channel)
-        bias = _ToClientsStack.apply(layer.bias).view(per_channel)
+    if affine:
+        per_channel = (stack.shape[0], 1, -1, *([1] * (stack.dim() - 3)))
+        weight, bias = (s.view(per_channel) for s in stacks[:2])
         xhat = torch.addcmul(bias, xhat, weight)
     return _FromClientsStack.apply(xhat, x)
 
