@@ -198,7 +198,8 @@ def batching_obstacle(model: nn.Module, client_batches: Sequence[Sequence[Batch]
 # On the CPU, vmap's grouped convolutions cost more than K separate ones once a client's batch
 # is large: bench_round.py (ResNet-20, 5 clients, one thread, CPU seconds per round against a
 # centralized step) measured batched 2.0x / threads 2.5x at 8 samples per client, and batched
-# 1.9x / threads 1.4x at 32 (1.6x / 0.76x at 128). Up to this many samples, batching wins.
+# 1.9x / threads 1.4x at 32 (1.6x / 0.76x at 128): the crossover lies between 8 and 32, and
+# this splits it.
 CPU_BATCHED_MAX_SAMPLES = 16
 
 
@@ -221,11 +222,14 @@ class BatchedClients:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._network = copy.deepcopy(model)
+        self._build()
+
+    def _build(self) -> None:
+        self._network = copy.deepcopy(self.model)
         for layer in _batchnorm_layers(self._network):
             layer.__class__ = _batched_class(type(layer))
         self._union_layers: list[_BatchedBatchNorm] = _batchnorm_layers(self._network)  # type: ignore[assignment]
-        self._layout = _layout(model)
+        self._layout = _layout(self.model)
 
     def round(
         self,
@@ -240,7 +244,7 @@ class BatchedClients:
         ``batching_obstacle(model, client_batches)`` must be None."""
         if _layout(self.model) != self._layout:
             # The model's tensors changed (another device, dtype or shape): start again.
-            self.__init__(self.model)
+            self._build()
         num_clients = len(client_batches)
         # Every client starts from the global model: one stacked copy per tensor.
         params = {
