@@ -6,7 +6,10 @@ torch BatchNorm. They compute the same update (tests/test_fedtan.py); this measu
 synchronization costs. The two are interleaved, each timed ``--repeats`` times after one warm-up,
 and the medians are compared. The round reuses its client models from round to round
 (``ClientReplicas``), as a run of rounds does; ``--fresh`` also times rounds that copy the model
-K times, as a single call of ``synced_round`` does.
+K times, as a single call of ``synced_round`` does. Two engines are timed side by side:
+``fedtan_round``, the K clients as threads (``synced_round(..., batched=False)``), and
+``fedtan_batched``, the K clients as one vmapped computation (``batched=True``, what
+``synced_round`` runs by default when the clients' batches are equal).
 
 Each ``--batch`` value is one regime, measured on its own and printed with its target (issue 14):
 B = 2 is the overhead regime (compute negligible, every fixed cost per round visible: what a GPU
@@ -166,11 +169,12 @@ def bench_regime(args: argparse.Namespace, batch: int, device: torch.device) -> 
     central_model = copy.deepcopy(model)
     replicas = ClientReplicas(model)
 
-    def fedtan_round() -> None:
-        synced_round(model, batches, loss_fn, lr=args.lr, replicas=replicas)
+    def fedtan_round(batched: bool) -> None:
+        synced_round(model, batches, loss_fn, lr=args.lr, replicas=replicas, batched=batched)
 
     runs = {
-        "fedtan_round": fedtan_round,
+        "fedtan_round": lambda: fedtan_round(batched=False),
+        "fedtan_batched": lambda: fedtan_round(batched=True),
         "centralized_step": lambda: centralized_step(central_model, x, y, args.lr),
     }
     if args.fresh:
@@ -200,15 +204,16 @@ def bench_regime(args: argparse.Namespace, batch: int, device: torch.device) -> 
             f"{name:>18}: median {wall[name]:.4f} s wall, {cpu[name]:.4f} s CPU, "
             f"peak +{peak:.0f} MiB {memory}   (wall runs: {runs_s})"
         )
-    ratio = wall["fedtan_round"] / wall["centralized_step"]
     target = TARGETS.get(batch)
-    verdict = (
-        "no target for this batch" if target is None
-        else f"target <= {target}: {'OK' if ratio <= target else 'ABOVE TARGET'}"
-    )  # fmt: skip
-    print(f"ratio fedtan_round / centralized_step = {ratio:.3f} wall  ({verdict})")
-    cpu_ratio = cpu["fedtan_round"] / cpu["centralized_step"]
-    print(f"{'':40}{cpu_ratio:.3f} CPU")
+    for engine in ("fedtan_round", "fedtan_batched"):
+        ratio = wall[engine] / wall["centralized_step"]
+        verdict = (
+            "no target for this batch" if target is None
+            else f"target <= {target}: {'OK' if ratio <= target else 'ABOVE TARGET'}"
+        )  # fmt: skip
+        print(f"ratio {engine:>14} / centralized_step = {ratio:.3f} wall  ({verdict})")
+        cpu_ratio = cpu[engine] / cpu["centralized_step"]
+        print(f"{'':46}{cpu_ratio:.3f} CPU")
     if args.fresh:
         print(
             "ratio fedtan_round_fresh / centralized_step = "

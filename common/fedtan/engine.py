@@ -5,16 +5,19 @@ layers act as one BN over the union of all clients' batches, through a ``BNChann
 2..E are plain local steps; then the server averages the clients' full model states, weighted by
 the number of samples each trained on.
 
-``synced_round`` runs the K clients as threads of this process over an ``InProcessHub``. With one
-batch per client it equals one step of ``torch.optim.SGD`` on the concatenated batches. Pass it a
-``ClientReplicas`` to run many rounds: the K client models are then made once and reloaded with
-the global model each round, instead of K deep copies per round.
+``synced_round`` runs the K clients batched, as one vmapped computation (``batched.py``), when the
+round allows it (equal client batch sizes, float32/64, no autocast) and it is the faster engine
+(on an accelerator; on the CPU for small batches), and otherwise as threads of this process over
+an ``InProcessHub``. Both give the same model; with one batch per client it
+equals one step of ``torch.optim.SGD`` on the concatenated batches. Pass it a ``ClientReplicas``
+to run many rounds: the client models are then made once, instead of once per round.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from common.fedtan.aggregation import average_states
+from common.fedtan.batched import BatchedClients, batching_obstacle, batching_pays_off
 from common.fedtan.bn_channel import BNChannel, BNSyncError
 from common.fedtan.bn_sync import convert_federated_batchnorm, has_batchnorm, synchronized
 from common.fedtan.inprocess import InProcessHub
@@ -79,6 +83,13 @@ class ClientReplicas:
         self._replicas: list[nn.Module] = []
         self._tensors: list[dict[str, Tensor]] = []  # each replica's parameters and buffers
         self._states: list[dict[str, Tensor]] = []  # live views of each replica's state
+        self._batched: BatchedClients | None = None
+
+    def batched(self) -> BatchedClients:
+        """The batched engine's structure for ``model``, made on first use."""
+        if self._batched is None:
+            self._batched = BatchedClients(self.model)
+        return self._batched
 
     def for_round(self, num_clients: int) -> list[tuple[nn.Module, dict[str, Tensor]]]:
         """``num_clients`` replicas, each loaded with ``model``'s state, with their state dicts."""
@@ -120,6 +131,7 @@ def synced_round(
     allow_no_batchnorm: bool = False,
     timeout: float | None = 300.0,
     replicas: ClientReplicas | None = None,
+    batched: bool | None = None,
 ) -> dict[str, Tensor]:
     """One FedTAN round with K in-process clients; returns the new global ``state_dict``.
 
@@ -128,6 +140,12 @@ def synced_round(
     modified. A model without BatchNorm layers is refused unless ``allow_no_batchnorm``, in which
     case the round is plain federated averaging. ``replicas`` (made from this ``model``) keeps the
     client models between rounds; without it the round makes fresh ones.
+
+    ``batched``: None runs the clients batched when ``batching_obstacle`` allows it and
+    ``batching_pays_off`` (on an accelerator; on the CPU for small batches), and as threads
+    otherwise (also when the batched round fails or gives non-finite values, so
+    that the threaded engine's checks name the client and layer at fault); True insists on it
+    (ValueError naming the obstacle); False always uses threads.
     """
     check_client_batches(client_batches)
     _check_mean_reduction(loss_fn)
@@ -137,10 +155,16 @@ def synced_round(
             "synchronize; pass allow_no_batchnorm=True to run plain FedAvg"
         )
 
+    if replicas is not None and replicas.model is not model:
+        raise ValueError("replicas were made from another model than the one given")
+    if batched is not False:
+        state = _batched_round(
+            model, client_batches, loss_fn, lr, momentum, weight_decay, batched, replicas
+        )
+        if state is not None:
+            return state
     if replicas is None:
         replicas = ClientReplicas(model)
-    elif replicas.model is not model:
-        raise ValueError("replicas were made from another model than the one given")
     clients, states = zip(*replicas.for_round(len(client_batches)), strict=True)
     hub = InProcessHub(len(clients), timeout=timeout) if has_batchnorm(model) else None
     errors: list[BaseException | None] = [None] * len(clients)
@@ -182,6 +206,43 @@ def synced_round(
 
     weights = [sum(len(targets) for _, targets in batches) for batches in client_batches]
     return average_states(states, weights)
+
+
+def _batched_round(
+    model: nn.Module,
+    client_batches: Sequence[Sequence[Batch]],
+    loss_fn: LossFn,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    required: bool | None,
+    replicas: ClientReplicas | None,
+) -> dict[str, Tensor] | None:
+    """The round run batched, or None where the threaded engine must run it."""
+    if required is None and not batching_pays_off(client_batches):
+        return None
+    obstacle = batching_obstacle(model, client_batches)
+    if obstacle is not None:
+        if required:
+            raise ValueError(f"this round cannot run batched: {obstacle}")
+        return None
+    engine = replicas.batched() if replicas is not None else BatchedClients(model)
+    sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    if required:
+        return engine.round(client_batches, loss_fn, **sgd)
+    try:
+        state = engine.round(client_batches, loss_fn, **sgd)
+    except Exception as error:  # noqa: BLE001 - the threaded engine reruns it and names a fault
+        warnings.warn(
+            f"the batched engine failed ({type(error).__name__}: {error}); "
+            "running the clients as threads",
+            stacklevel=3,
+        )
+        return None
+    floats = [v for v in state.values() if v.is_floating_point()]
+    if floats and not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
+        return None
+    return state
 
 
 def check_client_batches(client_batches: Sequence[Sequence[Batch]]) -> None:
