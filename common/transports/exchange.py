@@ -2,13 +2,20 @@
 
 Every FedTAN exchange needs all the round's clients, so a missing, failed or foreign reply stops
 the round; the ``RoundFailure`` names the nodes at fault so the strategy can retry without them.
+
+Replies are pulled with a short, growing interval of our own (``push_messages`` +
+``pull_messages``, both public Grid API) rather than through ``Grid.send_and_receive``, which
+sleeps 0.1 s (simulation) or 3 s (deployment) between pulls: that sleep was most of a round.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -44,7 +51,7 @@ def exchange(
     expected = {msg.metadata.dst_node_id: msg.metadata for msg in messages}
     replies: dict[int, Message] = {}
     problems: dict[int, str] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in send_and_receive(grid, messages, timeout=timeout):
         node, sent = reply.metadata.src_node_id, expected.get(reply.metadata.src_node_id)
         if sent is None or reply.metadata.group_id != sent.group_id:
             continue  # not a reply to this exchange (late or foreign): never used
@@ -68,10 +75,47 @@ def exchange(
     return replies
 
 
+# The pull interval starts short (a reply in simulation takes milliseconds) and doubles up to a
+# cap, so a long wait (a deployed client computing for minutes) costs few pulls.
+FIRST_PULL_INTERVAL = 0.002
+MAX_PULL_INTERVAL = 0.05
+
+
+def send_and_receive(
+    grid: Grid,
+    messages: Sequence[Message],
+    *,
+    timeout: float,
+    first_interval: float = FIRST_PULL_INTERVAL,
+    max_interval: float = MAX_PULL_INTERVAL,
+) -> list[Message]:
+    """Push ``messages``, then pull replies until every message has one or ``timeout`` passes.
+
+    What ``Grid.send_and_receive`` does, with a pull interval that starts at ``first_interval``
+    seconds and doubles up to ``max_interval``, instead of Flower's fixed sleep.
+    """
+    pending = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
+    deadline = time.monotonic() + timeout
+    interval = first_interval
+    received: list[Message] = []
+    while pending:
+        replies = list(grid.pull_messages(pending))
+        received.extend(replies)
+        pending -= {reply.metadata.reply_to_message_id for reply in replies}
+        remaining = deadline - time.monotonic()
+        if not pending or remaining <= 0:
+            break
+        time.sleep(min(interval, remaining))
+        interval = min(2 * interval, max_interval)
+    return received
+
+
 def _split_bytes(content: RecordDict) -> tuple[int, int]:
     model = other = 0
     for key, record in content.array_records.items():
-        size = sum(array.numpy().nbytes for array in record.values())
+        # From shape and dtype: deserializing every array only to count its bytes cost more
+        # than the accounting is worth.
+        size = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in record.values())
         if key == MODEL_RECORD:
             model += size
         else:
