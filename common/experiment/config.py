@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import transports
-from common.experiment import data, methods, models, partition
+from common.experiment import data, device, methods, models, partition
 
 # Each key's choices, from the module that defines them.
 CHOICES = {
@@ -24,6 +24,7 @@ CHOICES = {
     "model": models.MODEL_NAMES,
     "norm": models.NORMS,
     "on-failure": ("retry", "stop"),  # RoundStrategy's on_failure
+    "precision": tuple(device.PRECISIONS),
 }
 
 
@@ -65,6 +66,11 @@ class RunConfig:
     bn_sync_certfile: str = ""
     bn_sync_keyfile: str = ""
     bn_sync_ca_certfile: str = ""
+    # Where clients and the server's evaluation compute ("auto": the local GPU if any), autocast
+    # of the forward pass and loss, and channels-last images (common/experiment/device.py).
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
     milestones: tuple[int, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +89,7 @@ class RunConfig:
                 raise ValueError(
                     f"run config '{_key(name)}' must be >= 0, got {getattr(self, name)}"
                 )
+        device.check_device_name(self.device)
         if bool(self.bn_sync_certfile) != bool(self.bn_sync_keyfile):
             raise ValueError("run config 'bn-sync-certfile' and 'bn-sync-keyfile' go together")
         for name in ("lr", "dirichlet_alpha", "reply_timeout", "lr_gamma", "bn_sync_timeout"):
@@ -163,7 +170,7 @@ def _coerce(key: str, value: object, type_name: str) -> object:
     # Flower parses TOML, so ints may arrive where floats are expected; nothing else is coerced.
     if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    expected = {"str": str, "int": int, "float": float}[type_name]
-    if not isinstance(value, expected) or isinstance(value, bool):
+    expected = {"str": str, "int": int, "float": float, "bool": bool}[type_name]
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ValueError(f"run config '{key}': expected {type_name}, got {value!r}")
     return value
