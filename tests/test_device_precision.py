@@ -18,7 +18,9 @@ from common.experiment import task
 from common.experiment.config import RunConfig
 from common.experiment.methods import union_batches
 from common.fedtan import train_client
-from server.local_run import run_locally
+from server.app import run_fedtan
+from server.local_run import LocalGrid, flower_in_this_process, run_locally
+from tests.devices import device_params
 from tests.float_noise import NOISE_FACTOR, assert_within_rounding_noise, relative_error
 
 BASE = {
@@ -99,6 +101,46 @@ def test_auto_is_the_local_gpu_when_there_is_one(monkeypatch):
     assert placement.resolve_device("auto") == torch.device("cuda")
 
 
+@pytest.fixture
+def strict_float32(monkeypatch):
+    """TF32 off and deterministic cuDNN, so that float32 on CUDA means float32; restored after."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(matmul)
+
+
+@device_params
+def test_the_grpc_transport_with_clients_on_the_device_gives_the_in_process_model(
+    tmp_path, strict_float32, device
+):
+    """Clients on ``device`` (run config ``device``) over the BN sync service give the
+    in-process engine's model on the same device, to float32's own noise there."""
+    overrides = {"num-rounds": 2, "local-steps": 2, "transport": "grpc", "momentum": 0.9}
+    got = app_model(tmp_path, **overrides, device=device)
+    cfg = RunConfig.from_flower({**BASE, **overrides})
+    start = task.build_global_model(cfg).state_dict()
+    assert_within_rounding_noise(
+        got,
+        _engine_model(cfg, torch.float32, device),
+        _engine_model(cfg, torch.float64, device),
+        start,
+    )
+
+
+def test_the_start_up_hint_names_the_gpu_share(tmp_path):
+    """Clients that cannot join together (here one at a time, as with too few Ray actors or
+    too large a GPU share): the error says to give each at most 1/K of a GPU."""
+    run_config = {**BASE, "output-dir": str(tmp_path / "out"), "transport": "grpc"}
+    run_config["bn-sync-timeout"] = 1.0
+    grid = LocalGrid(client_app, 3, run_config, concurrency=1)
+    with pytest.raises(RuntimeError, match=r"at most 1/K of a GPU per client"):
+        with flower_in_this_process():
+            run_fedtan(grid, RunConfig.from_flower(run_config))
+
+
 # --- precision -----------------------------------------------------------------------------
 
 
@@ -160,12 +202,16 @@ def test_channels_last_is_used_for_images_and_4d_weights():
     assert placement.place_inputs(torch.randn(4, 3), torch.device("cpu"), True).is_contiguous()
 
 
-def _engine_model(cfg: RunConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    model = task.build_global_model(cfg).to(dtype)
+def _engine_model(
+    cfg: RunConfig, dtype: torch.dtype, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """``cfg``'s rounds by the in-process engine in ``dtype`` on ``device``; the state on the
+    CPU in the parameters' original dtypes' place (``dtype``)."""
+    model = task.build_global_model(cfg).to(device, dtype)
     for r in range(1, cfg.num_rounds + 1):
         batches = [
-            [(x.to(dtype), y) for x, y in client]
+            [(x.to(device, dtype), y.to(device)) for x, y in client]
             for client in task.every_client_batches(cfg, cfg.num_clients, r)
         ]
         model.load_state_dict(task.engine_round(model, cfg, batches, r))
-    return model.state_dict()
+    return {key: value.cpu() for key, value in model.state_dict().items()}
