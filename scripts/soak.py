@@ -205,11 +205,13 @@ def report(args: argparse.Namespace, out: Path, samples: list[MemorySample]) -> 
         f"rounds {base_lo + 1}-{base_hi}: {baseline:.4f} s, last 100: {last:.4f} s "
         f"({time_ratio:.3f}x)"
     )
-    start = next((s for s in samples if s.round >= base_lo + 1), samples[0])
-    end = samples[-1]
+    # Samples taken while every client actor was up: the last ones may follow the run's end.
+    live = [s for s in samples if s.clients == args.clients] or samples
+    start = next((s for s in live if s.round >= base_lo + 1), live[0])
+    end = live[-1]
     print("resident memory (MB):")
-    print(f"  {'':18} {'server side':>12} {'clients':>10}")
-    for label, s in (("first sample", samples[0]), ("start (baseline)", start), ("end", end)):
+    print(f"  {'':20} {'server side':>12} {'clients':>10}")
+    for label, s in (("first sample", live[0]), ("baseline", start), ("end", end)):
         print(
             f"  {label:12} r{s.round:<5d} {s.server_rss / 2**20:12.1f} "
             f"{s.client_rss / 2**20:10.1f}  ({s.clients} actors)"
