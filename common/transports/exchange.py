@@ -3,7 +3,7 @@
 Every FedTAN exchange needs all the round's clients, so a missing, failed or foreign reply stops
 the round; the ``RoundFailure`` names the nodes at fault so the strategy can retry without them.
 
-Replies are pulled with a short, growing interval of our own (``push_messages`` +
+Replies are pulled with a short interval of our own (``push_messages`` +
 ``pull_messages``, both public Grid API) rather than through ``Grid.send_and_receive``, which
 sleeps 0.1 s (simulation) or 3 s (deployment) between pulls: that sleep was most of a round.
 """
@@ -75,10 +75,12 @@ def exchange(
     return replies
 
 
-# The pull interval starts short (a reply in simulation takes milliseconds) and doubles up to a
-# cap, so a long wait (a deployed client computing for minutes) costs few pulls.
+# The pull interval is an eighth of the time waited so far, between 2 ms and 50 ms: a reply is
+# picked up at most 12.5 % (or 50 ms) after it arrived, and a long wait (a deployed client
+# computing for minutes) costs few pulls.
 FIRST_PULL_INTERVAL = 0.002
 MAX_PULL_INTERVAL = 0.05
+PULL_INTERVAL_FRACTION = 1 / 8
 
 
 def send_and_receive(
@@ -91,22 +93,23 @@ def send_and_receive(
 ) -> list[Message]:
     """Push ``messages``, then pull replies until every message has one or ``timeout`` passes.
 
-    What ``Grid.send_and_receive`` does, with a pull interval that starts at ``first_interval``
-    seconds and doubles up to ``max_interval``, instead of Flower's fixed sleep.
+    What ``Grid.send_and_receive`` does, with a pull interval of ``PULL_INTERVAL_FRACTION`` of
+    the time waited so far, between ``first_interval`` and ``max_interval`` seconds, instead of
+    Flower's fixed sleep.
     """
     pending = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
-    deadline = time.monotonic() + timeout
-    interval = first_interval
+    started = time.monotonic()
+    deadline = started + timeout
     received: list[Message] = []
     while pending:
         replies = list(grid.pull_messages(pending))
         received.extend(replies)
         pending -= {reply.metadata.reply_to_message_id for reply in replies}
-        remaining = deadline - time.monotonic()
-        if not pending or remaining <= 0:
+        now = time.monotonic()
+        if not pending or now >= deadline:
             break
-        time.sleep(min(interval, remaining))
-        interval = min(2 * interval, max_interval)
+        interval = min(max(first_interval, (now - started) * PULL_INTERVAL_FRACTION), max_interval)
+        time.sleep(min(interval, deadline - now))
     return received
 
 
