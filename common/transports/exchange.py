@@ -75,11 +75,11 @@ def exchange(
     return replies
 
 
-# The pull interval is an eighth of the time waited so far, between 2 ms and 50 ms: a reply is
-# picked up at most 12.5 % (or 50 ms) after it arrived, and a long wait (a deployed client
-# computing for minutes) costs few pulls.
+# The pull interval is an eighth of the time waited so far, between 2 ms and 0.2 s: a reply is
+# picked up at most 12.5 % (or 0.2 s) after it arrived, and a long wait (a deployed round of
+# tens of seconds, where each pull is a request to the SuperLink) costs 5 pulls a second.
 FIRST_PULL_INTERVAL = 0.002
-MAX_PULL_INTERVAL = 0.05
+MAX_PULL_INTERVAL = 0.2
 PULL_INTERVAL_FRACTION = 1 / 8
 
 
