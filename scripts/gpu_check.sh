@@ -23,6 +23,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python
+# Flower's commands (flwr, flower-superlink) from the same environment as that Python.
+PATH="$(dirname "$(command -v "$PYTHON")"):$PATH"
 
 MODE=auto ROUNDS="" BATCH=128 CLIENTS=5 QUICK=0
 while [ $# -gt 0 ]; do
