@@ -27,6 +27,7 @@ from torch import nn
 from client import baselines
 from common.experiment import task
 from common.experiment.config import RunConfig
+from common.experiment.device import PRECISIONS, contiguous_state, place_inputs, place_model
 from common.fedtan import Batch, train_client
 from common.fedtan.bn_channel import BNChannel, BNSyncError, Moments
 from common.fedtan.bn_sync import convert_federated_batchnorm
@@ -97,6 +98,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records[CONFIG_RECORD]
     settings = TrainSettings.from_config(config)
     model, batches = _round_model_and_batches(msg, context, settings, settings.local_steps)
+    cfg = RunConfig.from_flower(context.run_config)
     with _synced_step_channel(msg, context) as channel:
         losses = train_client(
             model,
@@ -106,6 +108,7 @@ def train(msg: Message, context: Context) -> Message:
             lr=settings.lr,
             momentum=settings.momentum,
             weight_decay=settings.weight_decay,
+            autocast_dtype=PRECISIONS[cfg.precision],
         )
     metrics = {
         NUM_EXAMPLES: sum(len(targets) for _, targets in batches),
@@ -113,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
         PARTITION_ID: _partition(context)[0],
     }
     content = RecordDict(
-        {MODEL_RECORD: ArrayRecord(model.cpu().state_dict()), METRICS_RECORD: MetricRecord(metrics)}
+        {MODEL_RECORD: ArrayRecord(contiguous_state(model)), METRICS_RECORD: MetricRecord(metrics)}
     )
     return Message(content, reply_to=msg)
 
@@ -133,7 +136,11 @@ def _reply_local_stats(msg: Message, context: Context, phase: str) -> Message:
     settings = TrainSettings.from_config(config)
     model, batches = _round_model_and_batches(msg, context, settings, local_steps=1)
     captured = capture_local_stats(
-        model, batches[0], task.loss_fn, UnionStats.from_records(msg.content)
+        model,
+        batches[0],
+        task.loss_fn,
+        UnionStats.from_records(msg.content),
+        autocast_dtype=PRECISIONS[RunConfig.from_flower(context.run_config).precision],
     )
     if (captured.phase, captured.index, captured.layer) != (phase, index, layer):
         raise BNSyncError(
@@ -163,10 +170,10 @@ def _round_model_and_batches(
         )
 
     cfg = RunConfig.from_flower(context.run_config)
-    device = task.pick_device()
+    device = task.pick_device(cfg.device)
     model = convert_federated_batchnorm(task.build_global_model(cfg))
     model.load_state_dict(context.state.array_records[ROUND_MODEL_STATE].to_torch_state_dict())
-    model.to(device)
+    model = place_model(model, device, cfg.channels_last)
     partition_id, num_partitions = _partition(context)
     batches = task.client_batches(
         cfg,
@@ -176,7 +183,7 @@ def _round_model_and_batches(
         batch_size=settings.batch_size,
         local_steps=local_steps,
     )
-    return model, [(x.to(device), y.to(device)) for x, y in batches]
+    return model, [(place_inputs(x, device, cfg.channels_last), y.to(device)) for x, y in batches]
 
 
 def _partition(context: Context) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from common.experiment import task
 from common.experiment.config import RunConfig
+from common.experiment.device import PRECISIONS, contiguous_state, place_inputs, place_model
 from common.experiment.methods import METHODS, local_keys, train_local
 from common.protocol import (
     CONFIG_RECORD,
@@ -47,7 +48,7 @@ def train(msg: Message, context: Context, partition: tuple[int, int]) -> Message
         local_steps=settings.local_steps,
     )
     device = next(model.parameters()).device
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    batches = [(place_inputs(x, device, cfg.channels_last), y.to(device)) for x, y in batches]
     losses = train_local(
         model,
         batches,
@@ -56,8 +57,9 @@ def train(msg: Message, context: Context, partition: tuple[int, int]) -> Message
         momentum=settings.momentum,
         weight_decay=settings.weight_decay,
         freeze_bn_stats=settings.freeze_bn_stats,
+        autocast_dtype=PRECISIONS[cfg.precision],
     )
-    state = model.cpu().state_dict()
+    state = contiguous_state(model)
     if own:
         context.state[OWN_STATE] = ArrayRecord({k: state[k] for k in own})
     metrics = {
@@ -92,4 +94,4 @@ def _own_model(msg: Message, context: Context, cfg: RunConfig) -> tuple[nn.Modul
         state.update(context.state.array_records[OWN_STATE].to_torch_state_dict())
     state.update(received)
     model.load_state_dict(state)
-    return model.to(task.pick_device()), own
+    return place_model(model, task.pick_device(cfg.device), cfg.channels_last), own

@@ -15,7 +15,8 @@ reads follow ``torch.cuda.synchronize()``.
 Rounds after the first are timed (the first pays for process start-up and imports); evaluation
 only runs after the last round, which is excluded too.
 
-With ``--deployment`` it also runs the same config deployed, for each transport: one
+With ``--deployment`` it also runs the same config deployed, as FedAvg + BN (the floor: a round
+with no BN sync) and for each transport, and prints each FedTAN row against FedAvg + BN: one
 ``flower-superlink`` and one ``flower-supernode`` per client on 127.0.0.1 (plaintext, a
 throw-away FLWR_HOME; every process is stopped at the end, also on failure), timed from the
 run's metrics.csv like the simulation; and, if grpc is among the transports, the latency of one
@@ -73,7 +74,18 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--local-steps", type=int, default=1)
-    parser.add_argument("--transports", nargs="+", default=["messages", "grpc"])
+    parser.add_argument(
+        "--transports",
+        nargs="*",
+        default=["messages", "grpc"],
+        help="simulated (and deployed) transports; none: the in-process row only",
+    )
+    parser.add_argument(
+        "--project",
+        type=int,
+        default=10_000,
+        help="also print each row's wall time for this many rounds (default 10,000)",
+    )
     parser.add_argument(
         "--gpus-per-client",
         type=float,
@@ -107,12 +119,15 @@ def main() -> None:
         "num-rounds": args.rounds,
         "eval-interval": args.rounds,
     }
-    # The simulation's clients see a GPU only with a GPU share (Ray hides it from the others).
+    # Clients get a GPU only with a GPU share; the device is named explicitly (run config
+    # "device") rather than left to Ray's CUDA_VISIBLE_DEVICES.
     device = torch.device("cuda" if args.gpus_per_client > 0 else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--gpus-per-client > 0 needs a GPU, and torch sees none")
+    run_config["device"] = device.type
     cfg = RunConfig.from_flower(run_config)
-    rows = [(f"in-process engine ({device})", in_process_seconds(cfg, device), {})]
+    seconds, peak = in_process_seconds(cfg, device)
+    rows = [(f"in-process engine ({device})", seconds, {})]
     for transport in args.transports:
         seconds, costs = simulation_seconds(
             {**run_config, "transport": transport}, args.clients, args.gpus_per_client
@@ -120,10 +135,15 @@ def main() -> None:
         rows.append((f"Flower simulation, transport={transport}", seconds, costs))
     failed = []
     if args.deployment:
-        for transport in args.transports:
-            name = f"Flower deployment, transport={transport}"
-            config = {**run_config, "transport": transport}
-            if transport == "grpc":
+        # FedAvg + BN on the same config: a deployed round with no BN sync at all, the floor a
+        # FedTAN round is measured against.
+        deployed = [("Flower deployment, fedavg-bn", {**run_config, "method": "fedavg-bn"})]
+        deployed += [
+            (f"Flower deployment, transport={t}", {**run_config, "transport": t})
+            for t in args.transports
+        ]
+        for name, config in deployed:
+            if config["method"] == "fedtan" and config["transport"] == "grpc":
                 timeout = max(float(config["bn-sync-timeout"]), DEPLOYMENT_BN_SYNC_TIMEOUT)
                 config["bn-sync-timeout"] = timeout
             try:
@@ -153,14 +173,28 @@ def main() -> None:
         "BN bytes of the grpc transport travel over the BN sync service, not Flower: "
         "they are not in the columns above."
     )
+    if args.deployment:
+        floor = next(seconds for name, seconds, _ in rows if name.endswith("fedavg-bn"))
+        for name, seconds, _ in rows:
+            if name.startswith("Flower deployment, transport="):
+                print(f"{name}: {seconds / floor:.2f}x a deployed FedAvg+BN round")
+    if peak is not None:
+        print(f"peak GPU memory of the in-process engine: {peak / 2**20:.0f} MiB")
+    if args.project:
+        print(f"projected wall time of {args.project} rounds (s/round x {args.project}):")
+        for name, seconds, _ in rows:
+            print(f"  {name:42} {seconds * args.project / 3600:8.2f} h")
     if args.deployment and "grpc" in args.transports:
         print_channel_latency(RunConfig.from_flower(run_config), args.clients)
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 
 
-def in_process_seconds(cfg: RunConfig, device: torch.device) -> float:
-    """Seconds per round of the in-process engine, its clients on ``device`` like the app's."""
+def in_process_seconds(cfg: RunConfig, device: torch.device) -> tuple[float, int | None]:
+    """Seconds per round of the in-process engine, its clients on ``device`` like the app's,
+    and its peak CUDA memory in bytes (None on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model = task.build_global_model(cfg).to(device)
     replicas = ClientReplicas(model)  # a run of rounds keeps its client models
     times = []
@@ -174,7 +208,8 @@ def in_process_seconds(cfg: RunConfig, device: torch.device) -> float:
         model.load_state_dict(task.engine_round(model, cfg, batches, r, replicas))
         _synchronize(device)
         times.append(time.perf_counter() - started)
-    return statistics.median(times[1:-1])
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return statistics.median(times[1:-1]), peak
 
 
 def _synchronize(device: torch.device) -> None:

@@ -39,6 +39,7 @@ def main(grid: Grid, context: Context) -> None:
 def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
     """A whole run of ``cfg.method`` (FedTAN or a baseline) on ``grid``; results go to
     ``cfg.output_dir`` round by round."""
+    task.pick_device(cfg.device)  # a CUDA device asked for but absent stops the run here
     model = task.build_global_model(cfg)
     recorder = RunRecorder(cfg)
     loop = {

@@ -112,13 +112,13 @@ class LocalGrid(Grid):
         self.concurrency = concurrency  # nodes working at once (Ray actors); None: all
         self.sent: list[Message] = []
         self._ids = itertools.count()
+        self._replies: dict[str, Message] = {}  # by the id of the message they answer
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver ``messages``; their replies wait for ``pull_messages``."""
         batch = []
         for msg in messages:
             msg = copy.deepcopy(msg)  # as if it crossed the network
@@ -128,7 +128,18 @@ class LocalGrid(Grid):
         # Nodes work at the same time, as SuperNodes do (the gRPC transport relies on it).
         with ThreadPoolExecutor(max_workers=self.concurrency or max(1, len(batch))) as pool:
             replies = list(pool.map(self._handle, batch))
-        return [reply for reply in replies if reply is not None]
+        for msg, reply in zip(batch, replies, strict=True):
+            if reply is not None:
+                self._replies[msg.metadata.message_id] = reply
+        return [msg.metadata.message_id for msg in batch]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
 
     def _handle(self, msg: Message) -> Message | None:
         node = msg.metadata.dst_node_id
@@ -151,8 +162,3 @@ class LocalGrid(Grid):
     def create_message(self, *args, **kwargs):  # pragma: no cover
         raise NotImplementedError
 
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError

@@ -43,6 +43,7 @@ BASE = {
     "momentum": 0.9,
     "weight-decay": 1e-4,
     "max-retries": 1,
+    "reply-timeout": 5.0,  # how long a vanished client's reply is waited for
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import transports
-from common.experiment import data, methods, models, partition
+from common.experiment import data, device, methods, models, partition
 
 # Each key's choices, from the module that defines them.
 CHOICES = {
@@ -24,6 +24,7 @@ CHOICES = {
     "model": models.MODEL_NAMES,
     "norm": models.NORMS,
     "on-failure": ("retry", "stop"),  # RoundStrategy's on_failure
+    "precision": tuple(device.PRECISIONS),
 }
 
 
@@ -71,6 +72,11 @@ class RunConfig:
     # (clients present certificates this CA signed) when set.
     bn_sync_insecure_network: bool = False
     bn_sync_client_ca_certfile: str = ""
+    # Where clients and the server's evaluation compute ("auto": the local GPU if any), autocast
+    # of the forward pass and loss, and channels-last images (common/experiment/device.py).
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
     milestones: tuple[int, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +95,7 @@ class RunConfig:
                 raise ValueError(
                     f"run config '{_key(name)}' must be >= 0, got {getattr(self, name)}"
                 )
+        device.check_device_name(self.device)
         if bool(self.bn_sync_certfile) != bool(self.bn_sync_keyfile):
             raise ValueError("run config 'bn-sync-certfile' and 'bn-sync-keyfile' go together")
         for name in ("lr", "dirichlet_alpha", "reply_timeout", "lr_gamma", "bn_sync_timeout"):

@@ -178,13 +178,22 @@ def train_local(
     lr: float,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[float]:
     """E plain local steps (FedAvg's client), optionally with frozen BN statistics (FixBN).
 
     FBN and HybridBN layers record the moments of this round's inputs only (a no-op without)."""
     reset_round_moments(model)
     net = FrozenBNStats(model) if freeze_bn_stats else model
-    return train_client(net, batches, loss_fn, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return train_client(
+        net,
+        batches,
+        loss_fn,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        autocast_dtype=autocast_dtype,
+    )
 
 
 def union_batches(client_batches: Sequence[Sequence[Batch]]) -> list[Batch]:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from common.experiment import device as placement
 from common.experiment.config import RunConfig
 from common.experiment.data import TensorDataset, eval_batches, load_dataset, round_batches
 from common.experiment.methods import METHODS, with_method_batchnorm
@@ -130,16 +131,18 @@ def example_batch(cfg: RunConfig, size: int = 4) -> Batch:
 def evaluate(
     model: nn.Module, cfg: RunConfig, device: torch.device | None = None, batch_size: int = 500
 ) -> dict[str, float]:
-    """Test loss and accuracy of ``model`` in eval mode (BN uses its running statistics)."""
-    device = device or pick_device()
-    model = model.to(device).eval()
-    inputs, targets = eval_set(cfg.dataset, cfg.data_dir, cfg.seed, device)
+    """Test loss and accuracy of ``model`` in eval mode (BN uses its running statistics), on
+    ``device`` (default: run config ``device``) with the config's precision and memory format."""
+    device = device or pick_device(cfg.device)
+    model = placement.place_model(model, device, cfg.channels_last).eval()
+    inputs, targets = eval_set(cfg.dataset, cfg.data_dir, cfg.seed, device, cfg.channels_last)
     # Summed on the device and read once at the end: a read per batch would wait each time.
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(targets), batch_size):
         x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
-        logits = model(x)
+        with placement.autocast(cfg.precision, device):
+            logits = model(x)
         total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
     seen = len(targets)
@@ -147,12 +150,15 @@ def evaluate(
 
 
 @functools.lru_cache(maxsize=2)
-def eval_set(name: str, data_dir: str, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def eval_set(
+    name: str, data_dir: str, seed: int, device: torch.device, channels_last: bool = False
+) -> tuple[Tensor, Tensor]:
     """The normalized test set on ``device``, made once per process: every evaluation reuses it."""
     test = _dataset(name, data_dir, seed, train=False)
-    return test.normalize(test.images).to(device), test.labels.to(device)
+    inputs = placement.place_inputs(test.normalize(test.images), device, channels_last)
+    return inputs, test.labels.to(device)
 
 
-def pick_device() -> torch.device:
-    """The local GPU when there is one, the CPU otherwise."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(spec: str = "auto") -> torch.device:
+    """The device run config ``device`` names ("auto": the local GPU when there is one)."""
+    return placement.resolve_device(spec)

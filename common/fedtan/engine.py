@@ -43,8 +43,12 @@ def train_client(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     channel: BNChannel | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[float]:
     """A client's local work in one round; returns the loss of each step.
+
+    ``autocast_dtype``: the forward pass and the loss run under ``torch.autocast`` to it
+    (bfloat16, float16); the backward and the optimizer step run outside, as torch advises.
 
     ``model`` must already have federated BN layers when ``channel`` is given: the first step
     synchronizes through it, the others are plain local steps. A fresh SGD optimizer per round,
@@ -59,7 +63,12 @@ def train_client(
     for step, (inputs, targets) in enumerate(batches):
         sync = synchronized(model, channel) if step == 0 and channel is not None else nullcontext()
         with sync:
-            loss = loss_fn(model(inputs), targets)
+            with torch.autocast(
+                inputs.device.type,
+                dtype=autocast_dtype or torch.float32,
+                enabled=autocast_dtype is not None,
+            ):
+                loss = loss_fn(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             # Run this backward in the calling thread: on CUDA, autograd's shared device thread
             # would otherwise block in one client's BN sync while the others wait for it.

@@ -63,7 +63,8 @@ PREFLIGHT = RoundSchedule(SyncShape((PREFLIGHT_LAYER,), (), {PREFLIGHT_LAYER: La
 _SILENT_HINT = (
     " (all clients of a round must run at the same time; in a Ray simulation give it one "
     'actor per client, e.g. --federation-config "client-resources-num-cpus=1 '
-    'init-args-num-cpus=K")'
+    'init-args-num-cpus=K"; on a GPU node at most 1/K of a GPU per client, e.g. '
+    "client-resources-num-gpus=0.2 for K = 5, so that all K clients run at once)"
 )
 
 

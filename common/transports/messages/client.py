@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from flwr.app import RecordDict
 from torch import nn
 
@@ -79,17 +80,29 @@ class ReplayChannel(BNChannel):
 
 
 def capture_local_stats(
-    model: nn.Module, batch: Batch, loss_fn: LossFn, union: UnionStats
+    model: nn.Module,
+    batch: Batch,
+    loss_fn: LossFn,
+    union: UnionStats,
+    autocast_dtype: torch.dtype | None = None,
 ) -> Captured:
     """Recompute the synced step up to the first unknown sync point and return its statistics.
 
     ``model`` must have federated BN layers; it is used as scratch (its buffers change).
+    ``autocast_dtype``: as ``train_client``'s (forward and loss only), so the replayed step
+    computes what the trained one will.
     """
     inputs, targets = batch
     model.train()
     with synchronized(model, ReplayChannel(union)):
         try:
-            loss_fn(model(inputs), targets).backward()
+            with torch.autocast(
+                inputs.device.type,
+                dtype=autocast_dtype or torch.float32,
+                enabled=autocast_dtype is not None,
+            ):
+                loss = loss_fn(model(inputs), targets)
+            loss.backward()
         except Captured as captured:
             return captured
     raise BNSyncError("the server asked for statistics past the last sync point of the step")
