@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import logging
 import shlex
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from client.app import app as client_app  # noqa: E402
 from common.experiment.config import RunConfig  # noqa: E402
 from common.experiment.methods import METHODS, check_method_names  # noqa: E402
+from server.checkpoint import run_description  # noqa: E402
 from server.local_run import run_locally  # noqa: E402
 
 DEFAULT_METHODS = ",".join(METHODS)
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"[{i}/{len(methods)}] {method}: {cfg.num_rounds} rounds ...", flush=True)
         t0 = time.monotonic()
-        run_locally(client_app, run_config, concurrency=1)  # no method needs nodes at once
+        # A folder with an unfinished or other run of the method is replaced.
+        run_locally(client_app, {**run_config, "overwrite": True}, concurrency=1)
         print(
             f"[{i}/{len(methods)}] {method}: finished in {time.monotonic() - t0:.0f} s "
             f"(suite so far {time.monotonic() - started:.0f} s)",
@@ -120,8 +121,8 @@ def completed(cfg: RunConfig) -> bool:
         saved = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "milestones"}
-    if summary.get("status") != "completed" or saved != json.loads(json.dumps(wanted)):
+    wanted = json.loads(json.dumps(run_description(cfg)))
+    if summary.get("status") != "completed" or saved != wanted:
         return False
     if short := degraded(load_rows(folder), cfg):
         print(f"{cfg.method}: rounds {short} lacked clients (a failure); running it again")
