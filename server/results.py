@@ -125,6 +125,8 @@ class RunRecorder:
         self.started = time.monotonic()
         self.first_round = self.rounds_completed + 1  # of this process (for the ETA)
         atomic_write(self.dir / CONFIG_FILE, _json(run_description(cfg)))
+        if self.rows:  # a resumed run: the metrics may lack the last round's row
+            self._write_metrics()
         self._write_summary("running", reason=None)
         self.events = _event_writer(self.dir, purge_step=self.first_round)
 
