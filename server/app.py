@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from logging import INFO
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -39,10 +38,9 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
     """A whole run of ``cfg.method`` (FedTAN or a baseline) on ``grid``; results go to
     ``cfg.output_dir`` round by round (``server/results.py``). ``summary.json`` says how it
     ended, also when it raises (Flower then marks the run failed)."""
-    model = task.build_global_model(cfg)
     recorder = RunRecorder(cfg)  # refuses a folder of another run, before anything is written
     try:
-        result, stop_reason = _run(grid, cfg, model, recorder)
+        result, stop_reason = _run(grid, cfg, recorder)
     except BaseException as error:
         recorder.finish("failed", f"{type(error).__name__}: {error}")
         raise
@@ -55,11 +53,10 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
     return result
 
 
-def _run(
-    grid: Grid, cfg: RunConfig, model: torch.nn.Module, recorder: RunRecorder
-) -> tuple[Result, str | None]:
+def _run(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> tuple[Result, str | None]:
     """The rounds still to run, from where ``recorder``'s folder left off; the result and
     why the run stopped early (None: it did not)."""
+    model = task.build_global_model(cfg)  # a dataset that cannot load fails the run here
     resume = recorder.resume_point
     if resume.state is not None:
         model.load_state_dict(resume.state)

@@ -172,6 +172,19 @@ def test_an_exception_in_the_server_app_is_written_down_and_raised(tmp_path, mon
     assert [row["round"] for row in json.loads((out / "metrics.json").read_text())] == [1]
 
 
+def test_a_run_that_fails_before_its_first_round_says_so(tmp_path, monkeypatch):
+    def no_data(cfg):
+        raise FileNotFoundError("no CIFAR-10 under data/")
+
+    monkeypatch.setattr(task, "build_global_model", no_data)
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError):
+        run(out)
+    ended = summary(out)
+    assert (ended["status"], ended["rounds_completed"]) == ("failed", 0)
+    assert "no CIFAR-10 under data/" in ended["reason"]
+
+
 def test_a_round_whose_model_evaluates_to_a_nan_loss_fails_and_is_never_saved(
     tmp_path, monkeypatch
 ):
