@@ -247,6 +247,8 @@ def test_a_simulation_killed_after_round_k_and_resumed_gives_the_uninterrupted_m
 
     simulate(tmp_path, "resumed", {**config, "resume": True}, deadline)
     print(f"killed after round {killed_at['rounds_completed']}; total {deadline.elapsed():.0f} s")
+    for name, out in (("whole", whole), ("resumed", parts)):
+        print(name, [(row["round"], row["train-loss"], row["test-loss"]) for row in rows(out)])
     expected, actual = load_state_dict(whole), load_state_dict(parts)
     for key in expected:
         assert torch.equal(actual[key], expected[key]), key
