@@ -1,6 +1,12 @@
 """Resume: a run continues from its last completed round and ends with exactly the model of a
-run that was never interrupted (``torch.equal``), in process and under Flower's Ray simulation
-with the ServerApp process SIGKILLed mid-run.
+run that was never interrupted (``torch.equal``, in process), and under Flower's Ray simulation with the ServerApp process SIGKILLed mid-run.
+
+Under the simulation the bar is the one every simulated run meets (tests/test_flower_runtime.py):
+the in-process engine's model to float32's own noise. Two uninterrupted simulations of one
+config already differ in float32's last bit (measured: 3e-7 at most, round-2 train losses
+1.5454469521840413 and 1.545446793238322), because Flower draws random node ids for each
+simulation and the server adds the clients' float64 contributions in node order before the
+cast to float32.
 
 What a resumed run must restore: the model, the round number, the learning rate of the round
 (``lr-milestones`` crossed after the restart), the seeded sampler (``clients-per-round`` < all),
@@ -38,8 +44,8 @@ from server.processes import (
     write_run_config,
 )
 from server.results import RunFolderError
-from tests.test_flower_app import vanish_at_train_reply
-from tests.test_flower_runtime import SIMULATION_TIMEOUT_S, wait_for_cli
+from tests.test_flower_app import assert_is_the_in_process_model, vanish_at_train_reply
+from tests.test_flower_runtime import SIMULATION_TIMEOUT_S, reference_config, wait_for_cli
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -231,12 +237,9 @@ def simulate(tmp_path: Path, name: str, run_config: dict, deadline: Deadline, ki
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process bookkeeping reads /proc")
-def test_a_simulation_killed_after_round_k_and_resumed_gives_the_uninterrupted_model(tmp_path):
-    deadline = Deadline(3 * SIMULATION_TIMEOUT_S)
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    simulate(tmp_path, "whole", {**SIMULATED, "output-dir": str(whole)}, deadline)
-    assert summary(whole)["status"] == "completed"
-
+def test_a_simulation_killed_after_round_k_and_resumed_gives_the_engine_model(tmp_path):
+    deadline = Deadline(2 * SIMULATION_TIMEOUT_S)
+    parts = tmp_path / "parts"
     config = {**SIMULATED, "output-dir": str(parts)}
     simulate(tmp_path, "killed", config, deadline, kill_after=KILL_AFTER)
     killed_at = summary(parts)
@@ -247,10 +250,9 @@ def test_a_simulation_killed_after_round_k_and_resumed_gives_the_uninterrupted_m
 
     simulate(tmp_path, "resumed", {**config, "resume": True}, deadline)
     print(f"killed after round {killed_at['rounds_completed']}; total {deadline.elapsed():.0f} s")
-    for name, out in (("whole", whole), ("resumed", parts)):
-        print(name, [(row["round"], row["train-loss"], row["test-loss"]) for row in rows(out)])
-    expected, actual = load_state_dict(whole), load_state_dict(parts)
-    for key in expected:
-        assert torch.equal(actual[key], expected[key]), key
+    print([(row["round"], row["train-loss"], row["test-loss"]) for row in rows(parts)])
+    assert_is_the_in_process_model(
+        load_state_dict(parts), reference_config(SIMULATED), SIMULATED["num-clients"]
+    )
     assert summary(parts)["status"] == "completed"
     assert [row["round"] for row in rows(parts)] == list(range(1, SIMULATED["num-rounds"] + 1))
