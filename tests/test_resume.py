@@ -1,5 +1,6 @@
 """Resume: a run continues from its last completed round and ends with exactly the model of a
-run that was never interrupted (``torch.equal``, in process), and under Flower's Ray simulation with the ServerApp process SIGKILLed mid-run.
+run that was never interrupted (``torch.equal``, in process), and under Flower's Ray
+simulation with the ServerApp process SIGKILLed mid-run.
 
 Under the simulation the bar is the one every simulated run meets (tests/test_flower_runtime.py):
 the in-process engine's model to float32's own noise. Two uninterrupted simulations of one
