@@ -38,10 +38,31 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
     """A whole run of ``cfg.method`` (FedTAN or a baseline) on ``grid``; results go to
-    ``cfg.output_dir`` round by round."""
+    ``cfg.output_dir`` round by round (``server/results.py``). ``summary.json`` says how it
+    ended, also when it raises (Flower then marks the run failed)."""
+    recorder = RunRecorder(cfg)  # refuses a folder of another run, before anything is written
+    try:
+        result, stop_reason = _run(grid, cfg, recorder)
+    except BaseException as error:
+        recorder.finish("failed", f"{type(error).__name__}: {error}")
+        raise
+    done = recorder.rounds_completed
+    if done == cfg.num_rounds:
+        recorder.finish("completed")
+    else:
+        recorder.finish("stopped", stop_reason or "a round failed")
+    log(INFO, "Results in %s (%d of %d rounds)", cfg.output_path.resolve(), done, cfg.num_rounds)
+    return result
+
+
+def _run(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> tuple[Result, str | None]:
+    """The rounds still to run, from where ``recorder``'s folder left off; the result and
+    why the run stopped early (None: it did not)."""
     task.pick_device(cfg.device)  # a CUDA device asked for but absent stops the run here
-    model = task.build_global_model(cfg)
-    recorder = RunRecorder(cfg)
+    model = task.build_global_model(cfg)  # a dataset that cannot load fails the run here
+    resume = recorder.resume_point
+    if resume.state is not None:
+        model.load_state_dict(resume.state)
     loop = {
         "num_clients": cfg.num_clients,
         "clients_per_round": cfg.clients_per_round,
@@ -49,7 +70,6 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
         "on_failure": cfg.on_failure,
         "max_retries": cfg.max_retries,
         "lr_schedule": cfg.lr_at,
-        "on_round": recorder,
         "evaluate_on_clients": METHODS[cfg.method].evaluate_on_clients,
         "eval_interval": cfg.eval_interval,
         "min_nodes_timeout": cfg.min_nodes_timeout,
@@ -64,6 +84,10 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
         strategy: RoundStrategy = FedTAN(sync_points=sync_points, transport=transport, **loop)
     else:
         strategy = baseline_strategy(cfg, model, **loop)
+    strategy.on_round = lambda server_round, result, cost: recorder.record(
+        server_round, result, cost, excluded=strategy.excluded
+    )
+    strategy.resume_from(resume.rounds_done, resume.excluded)
     settings = TrainSettings(
         batch_size=cfg.batch_size,
         local_steps=cfg.local_steps,
@@ -94,10 +118,7 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
     finally:
         if transport is not None:
             transport.close()
-    done = len(result.train_metrics_clientapp)
-    recorder.finish("completed" if done == cfg.num_rounds else "stopped", done)
-    log(INFO, "Results in %s (%d of %d rounds)", cfg.output_path.resolve(), done, cfg.num_rounds)
-    return result
+    return result, strategy.stop_reason
 
 
 def make_transport(

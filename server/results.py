@@ -1,8 +1,18 @@
-"""A run's output folder: per-round metrics (CSV and JSON), the global model, a summary.
+"""A run's output folder: the global model, per-round metrics (CSV, JSON, TensorBoard), a summary.
 
-The model file is replaced atomically after every complete round, so whatever stops the run,
-the folder holds the global model of the last good round (FedBN, SiloBN: its shared entries;
-the BN entries the clients keep are the initial ones there).
+A folder belongs to one run. ``config.json`` names it; a run refuses a folder that holds
+another run's config or any results, unless run config ``overwrite`` (clear it first) or
+``resume`` (continue it from its last completed round) says otherwise.
+
+Durable: every file is written to a temporary name, flushed to disk and renamed over the old
+one, so a kill at any moment leaves each file whole, old or new; the leftovers of an
+interrupted write are removed at the next start. After every good round the model
+(``model.pt``, a self-describing checkpoint: ``server/checkpoint.py``) is written before the
+metrics that announce it, then ``summary.json``, whose ``status`` is "running" until the run
+ends "completed", "stopped" (a round failed for good) or "failed" (an exception).
+``checkpoint-interval`` = N also keeps ``checkpoints/round-<N k>.pt``, the last
+``checkpoint-keep`` of them. TensorBoard event files are written next to ``metrics.csv`` when
+``tensorboard`` is installed (``pip install fedtan[tensorboard]``).
 
 Every method writes the same per-round ``COLUMNS`` (then any extra ones, e.g. the spread of the
 clients' accuracies when they evaluate): train loss (of each client's first step, weighted by
@@ -16,18 +26,25 @@ client-side evaluation.
 from __future__ import annotations
 
 import csv
-import dataclasses
+import io
 import json
+import math
 import os
+import shutil
 import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.common import log
 from flwr.serverapp.strategy import Result
+from torch import Tensor
 
 from common.experiment.config import RunConfig
+from server.checkpoint import MODEL_FILE, make_checkpoint, read_checkpoint, run_description
 
 COLUMNS = (
     "round",
@@ -45,63 +62,306 @@ COLUMNS = (
     "eval_bytes",
 )
 
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+CHECKPOINT_DIR = "checkpoints"
+EVENTS_GLOB = "events.out.tfevents.*"
+PARTIAL = ".partial"  # suffix of a file being written; removed at the next start
+RESULT_FILES = (MODEL_FILE, METRICS_JSON, METRICS_CSV, SUMMARY_FILE)
+
+# Run config keys a resumed run may change: none of them changes the model of a round.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "num-rounds",
+        "resume",
+        "overwrite",
+        "output-dir",
+        "transport",
+        "reply-timeout",
+        "eval-interval",
+        "on-failure",
+        "max-retries",
+        "checkpoint-interval",
+        "checkpoint-keep",
+        "bn-sync-host",
+        "bn-sync-port",
+        "bn-sync-address",
+        "bn-sync-timeout",
+        "bn-sync-certfile",
+        "bn-sync-keyfile",
+        "bn-sync-ca-certfile",
+    }
+)
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used for this run (it holds another one)."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: after ``rounds_done``, from ``state``."""
+
+    rounds_done: int = 0
+    state: dict[str, Tensor] | None = None
+    excluded: set[int] = field(default_factory=set)
+    rows: list[dict[str, float]] = field(default_factory=list)
+
 
 class RunRecorder:
-    """Writes what a run produced into ``cfg.output_dir``, round by round."""
+    """Writes what a run produced into ``cfg.output_dir``, round by round.
+
+    Opening it claims the folder (see the module doc) and reads ``resume_point`` from it.
+    """
 
     def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
         self.dir = cfg.output_path
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.num_rounds = cfg.num_rounds
-        self.method = cfg.method
-        self.rows: list[dict[str, float]] = []
+        self.resume_point = claim_run_folder(cfg)
+        self.rows = list(self.resume_point.rows)
+        self.rounds_completed = self.resume_point.rounds_done
         self.started = time.monotonic()
-        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "milestones"}
-        (self.dir / "config.json").write_text(json.dumps(config, indent=2))
+        self.first_round = self.rounds_completed + 1  # of this process (for the ETA)
+        atomic_write(self.dir / CONFIG_FILE, _json(run_description(cfg)))
+        if self.rows:  # a resumed run: the metrics may lack the last round's row
+            self._write_metrics()
+        self._write_summary("running", reason=None)
+        self.events = _event_writer(self.dir, purge_step=self.first_round)
 
-    def __call__(self, server_round: int, result: Result, cost: dict[str, float]) -> None:
+    def record(
+        self,
+        server_round: int,
+        result: Result,
+        cost: Mapping[str, float],
+        excluded: Iterable[int] = (),
+    ) -> None:
+        """Round ``server_round`` is complete: its model, then its metrics, then the summary."""
         row: dict[str, float] = {"round": server_round}
         row.update(result.train_metrics_clientapp.get(server_round, {}))
         row.update(result.evaluate_metrics_serverapp.get(server_round, {}))
         row.update(result.evaluate_metrics_clientapp.get(server_round, {}))
         row.update(cost)
+        state = result.arrays.to_torch_state_dict()
+        buffer = io.BytesIO()
+        torch.save(
+            make_checkpoint(self.cfg, server_round, state, excluded=excluded, row=row), buffer
+        )
+        atomic_write(self.dir / MODEL_FILE, buffer.getvalue())
+        if self.cfg.checkpoint_interval and server_round % self.cfg.checkpoint_interval == 0:
+            self._keep_checkpoint(server_round, buffer.getvalue())
         self.rows.append(row)
+        self.rounds_completed = server_round
         self._write_metrics()
-        _atomic_save(result.arrays.to_torch_state_dict(), self.dir / "model.pt")
+        self._write_summary("running", reason=None)
+        if self.events is not None:
+            for key, value in row.items():
+                if key != "round" and isinstance(value, int | float):
+                    self.events.add_scalar(key, value, server_round)
+            self.events.flush()
+        self._log(row)
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        """How the run ended: "completed", "stopped" or "failed", and why."""
+        self._write_summary(status, reason)
+        if self.events is not None:
+            self.events.close()
+            self.events = None
+
+    def _write_summary(self, status: str, reason: str | None) -> None:
+        summary = {
+            "method": self.cfg.method,
+            "status": status,
+            "rounds_completed": self.rounds_completed,
+            "num_rounds": self.cfg.num_rounds,
+            "reason": reason,
+            "final": self.rows[-1] if self.rows else None,
+        }
+        atomic_write(self.dir / SUMMARY_FILE, _json(summary))
+
+    def _write_metrics(self) -> None:
+        atomic_write(self.dir / METRICS_JSON, _json(self.rows))
+        fields = list(dict.fromkeys([*COLUMNS, *(key for row in self.rows for key in row)]))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(self.dir / METRICS_CSV, text.getvalue().encode())
+
+    def _keep_checkpoint(self, server_round: int, data: bytes) -> None:
+        folder = self.dir / CHECKPOINT_DIR
+        folder.mkdir(exist_ok=True)
+        atomic_write(folder / f"round-{server_round:06d}.pt", data)
+        kept = sorted(folder.glob("round-*.pt"))
+        for old in kept[: max(0, len(kept) - self.cfg.checkpoint_keep)]:
+            old.unlink()
+
+    def _log(self, row: Mapping[str, float]) -> None:
+        server_round = int(row["round"])
         elapsed = time.monotonic() - self.started
-        eta = elapsed / server_round * (self.num_rounds - server_round)
+        eta = elapsed / (server_round - self.first_round + 1) * (self.cfg.num_rounds - server_round)
         accuracy = row.get("test-accuracy")
         log(
             INFO,
             "[%s round %d/%d] train-loss %.4f | test-accuracy %s | %.1f s | eta %.0f s",
-            self.method,
+            self.cfg.method,
             server_round,
-            self.num_rounds,
+            self.cfg.num_rounds,
             row.get("train-loss", float("nan")),
             "-" if accuracy is None else f"{accuracy:.4f}",
             row["seconds"],
             eta,
         )
 
-    def finish(self, status: str, rounds_completed: int) -> None:
-        summary = {
-            "method": self.method,
-            "status": status,
-            "rounds_completed": rounds_completed,
-            "final": self.rows[-1] if self.rows else None,
-        }
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    def _write_metrics(self) -> None:
-        (self.dir / "metrics.json").write_text(json.dumps(self.rows, indent=2))
-        fields = list(dict.fromkeys([*COLUMNS, *(key for row in self.rows for key in row)]))
-        with open(self.dir / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
+# --- the folder belongs to one run -----------------------------------------------------------
 
 
-def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def claim_run_folder(cfg: RunConfig) -> ResumePoint:
+    """Make ``cfg.output_dir`` this run's, or raise ``RunFolderError`` having touched nothing.
+
+    A fresh run takes a missing or empty folder, or one with the same config and no results;
+    ``overwrite`` clears this app's files from it first; ``resume`` continues the run in it
+    (same config but for ``RESUMABLE_CHANGES``) from its last completed round.
+    """
+    folder = cfg.output_path
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"run config 'output-dir': {folder} is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = _saved_config(folder)
+    if cfg.overwrite:
+        clear_run_folder(folder)
+        return ResumePoint()
+    if cfg.resume:
+        if saved is None:
+            raise RunFolderError(f"cannot resume: {folder} holds no run ({CONFIG_FILE} missing)")
+        changed = _differences(saved, run_description(cfg), ignore=RESUMABLE_CHANGES)
+        if changed:
+            raise RunFolderError(
+                f"cannot resume the run in {folder}: run config {changed} differs from its "
+                f"{CONFIG_FILE}; only {sorted(RESUMABLE_CHANGES)} may change"
+            )
+        if cfg.method == "fixbn" and RunConfig.from_flower(saved).fixbn_switch != cfg.fixbn_switch:
+            raise RunFolderError(
+                f"cannot resume the run in {folder}: FixBN's switch round would move; "
+                "set 'fixbn-switch-round' to keep it"
+            )
+        remove_partial_writes(folder)
+        return _resume_point(folder)
+    holds = [name for name in RESULT_FILES if (folder / name).exists()]
+    holds += [p.name for p in folder.glob(EVENTS_GLOB)]
+    if (folder / CHECKPOINT_DIR).exists():
+        holds.append(CHECKPOINT_DIR)
+    other = saved is not None and _differences(saved, run_description(cfg), ignore={"output-dir"})
+    if holds or other:
+        what = f"the results of a run ({', '.join(sorted(holds))})" if holds else "another run"
+        raise RunFolderError(
+            f"run config 'output-dir': {folder} holds {what}; set 'resume = true' to continue "
+            "it, 'overwrite = true' to replace it, or choose another 'output-dir'"
+        )
+    remove_partial_writes(folder)
+    return ResumePoint()
+
+
+def clear_run_folder(folder: Path) -> None:
+    """Remove this app's files from ``folder`` (nothing else in it)."""
+    for name in (CONFIG_FILE, *RESULT_FILES):
+        (folder / name).unlink(missing_ok=True)
+    for events in folder.glob(EVENTS_GLOB):
+        events.unlink()
+    shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)
+    remove_partial_writes(folder)
+
+
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete what an interrupted ``atomic_write`` left behind; return what was deleted."""
+    leftovers = [*folder.glob(f"*{PARTIAL}"), *(folder / CHECKPOINT_DIR).glob(f"*{PARTIAL}")]
+    for path in leftovers:
+        path.unlink()
+    return leftovers
+
+
+def _resume_point(folder: Path) -> ResumePoint:
+    if not (folder / MODEL_FILE).exists():  # stopped before its first round completed
+        return ResumePoint()
+    checkpoint = read_checkpoint(folder)
+    done = int(checkpoint["round"])
+    try:
+        rows = json.loads((folder / METRICS_JSON).read_text())
+    except FileNotFoundError:
+        rows = []
+    # The model is written before the metrics: they may lack its round's row, never more.
+    rows = [row for row in rows if row["round"] < done]
+    if checkpoint["metrics"]:
+        rows.append(checkpoint["metrics"])
+    log(INFO, "Resuming the run in %s after round %d", folder, done)
+    return ResumePoint(done, checkpoint["state_dict"], set(checkpoint["excluded_nodes"]), rows)
+
+
+def _saved_config(folder: Path) -> dict[str, Any] | None:
+    path = folder / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as error:
+        raise RunFolderError(f"{path} is not a run's config ({error})") from None
+    if not isinstance(saved, dict):
+        raise RunFolderError(f"{path} is not a run's config")
+    return saved
+
+
+def _differences(saved: Mapping[str, Any], wanted: Mapping[str, Any], ignore: Iterable[str]):
+    ignore = set(ignore)
+    keys = (set(saved) | set(wanted)) - ignore
+    return sorted(k for k in keys if saved.get(k) != wanted.get(k))
+
+
+# --- durable writes --------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` so that a crash leaves the old or the new file, whole."""
+    partial = path.with_name(path.name + PARTIAL)
+    with open(partial, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    _fsync_folder(path.parent)  # the rename itself must reach the disk
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json(value: object) -> bytes:
+    # NaN/inf become null: JSON has no such numbers, and a reader must not choke on them.
+    return json.dumps(_finite_or_none(value), indent=2).encode()
+
+
+def _finite_or_none(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _event_writer(folder: Path, purge_step: int):
+    """TensorBoard's writer into ``folder``, or None when tensorboard is not installed.
+
+    ``purge_step``: events of that round and later from an earlier process are dropped, so a
+    resumed run's curves do not double back."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: no event files without it
+        return None
+    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)

@@ -12,6 +12,7 @@ from its transport, so the strategy never asks which transport it has.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,6 +49,8 @@ from common.transports.base import (
 from common.transports.exchange import Traffic, exchange
 
 RoundCallback = Callable[[int, Result, dict[str, float]], None]
+# A round's evaluation: by the clients (configure_evaluate) and by the server (evaluate_fn).
+Evaluation = tuple[MetricRecord | None, MetricRecord | None]
 
 
 class RoundStrategy(Strategy):
@@ -97,6 +100,8 @@ class RoundStrategy(Strategy):
         self.eval_interval = eval_interval
         self.min_nodes_timeout = min_nodes_timeout  # None: the exchange timeout
         self.excluded: set[int] = set()  # nodes that failed a round of this run; not sampled again
+        self.resumed: tuple[int, frozenset[int]] = (0, frozenset())  # see resume_from
+        self.stop_reason: str | None = None  # why the last start() ended before its last round
 
     def describe(self) -> str:
         return f"{self.name}: {len(self.local_keys)} state entries stay on the clients"
@@ -218,30 +223,44 @@ class RoundStrategy(Strategy):
         """
         log(INFO, "Starting %s for %d rounds:", self.name, num_rounds)
         self.summary()
-        self.excluded = set()  # a new run: every node may take part again
+        # A new run: every node may take part again; a resumed one continues as it was.
+        rounds_done, excluded = self.resumed
+        self.excluded, self.stop_reason = set(excluded), None
         result = Result(arrays=initial_arrays)
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
 
-        def evaluate(server_round: int, traffic: Traffic) -> None:
+        def evaluate(server_round: int, arrays: ArrayRecord, traffic: Traffic) -> Evaluation:
+            on_clients = None
             if server_round % self.eval_interval == 0 or server_round == num_rounds:
-                messages = self.configure_evaluate(
-                    server_round, result.arrays, evaluate_config, grid
-                )
-                metrics = self._collect_evaluation(
+                messages = self.configure_evaluate(server_round, arrays, evaluate_config, grid)
+                on_clients = self._collect_evaluation(
                     grid, server_round, list(messages), timeout=timeout, traffic=traffic
                 )
-                if metrics is not None:
-                    result.evaluate_metrics_clientapp[server_round] = metrics
-            if evaluate_fn is not None:
-                if (metrics := evaluate_fn(server_round, result.arrays)) is not None:
-                    result.evaluate_metrics_serverapp[server_round] = metrics
+            on_server = None if evaluate_fn is None else evaluate_fn(server_round, arrays)
+            return on_clients, on_server
 
-        evaluate(0, Traffic())
-        for server_round in range(1, num_rounds + 1):
+        def record(server_round: int, evaluation: Evaluation) -> None:
+            for metrics, into in zip(
+                evaluation,
+                (result.evaluate_metrics_clientapp, result.evaluate_metrics_serverapp),
+                strict=True,
+            ):
+                if metrics is not None:
+                    into[server_round] = metrics
+
+        if rounds_done == 0:
+            record(0, evaluate(0, result.arrays, Traffic()))
+        for server_round in range(rounds_done + 1, num_rounds + 1):
             started, traffic, eval_traffic = time.monotonic(), Traffic(), Traffic()
             outcome = self._train_round(
-                grid, server_round, result.arrays, train_config, timeout, traffic
+                grid,
+                server_round,
+                result.arrays,
+                train_config,
+                timeout,
+                traffic,
+                evaluate=lambda arrays, r=server_round, t=eval_traffic: evaluate(r, arrays, t),
             )
             if outcome is None:
                 log(
@@ -250,8 +269,8 @@ class RoundStrategy(Strategy):
                     server_round - 1,
                 )
                 break
-            result.arrays, result.train_metrics_clientapp[server_round] = outcome
-            evaluate(server_round, eval_traffic)
+            result.arrays, result.train_metrics_clientapp[server_round], evaluation = outcome
+            record(server_round, evaluation)
             if self.on_round is not None:
                 cost = {
                     "seconds": time.monotonic() - started,
@@ -263,6 +282,24 @@ class RoundStrategy(Strategy):
                 }
                 self.on_round(server_round, result, cost)
         return result
+
+    def resume_from(self, rounds_done: int, excluded: Iterable[int]) -> None:
+        """Make ``start`` continue a run after its round ``rounds_done`` (``initial_arrays``:
+        that round's global model), without the nodes it had excluded. The sampler and the
+        learning rate depend on the round number only, so the run goes on as if never stopped.
+        """
+        self.resumed = (rounds_done, frozenset(excluded))
+
+    def check_evaluation(self, server_round: int, evaluation: Evaluation) -> None:
+        """A round whose model evaluates to a non-finite loss failed: never keep that model."""
+        for metrics in evaluation:
+            if metrics is None or TEST_LOSS not in metrics:
+                continue
+            if not math.isfinite(float(metrics[TEST_LOSS])):
+                raise RoundFailure(
+                    f"round {server_round}: the averaged model's test loss is {metrics[TEST_LOSS]}",
+                    FailureKind.DISAGREEMENT,
+                )
 
     # --- one round -----------------------------------------------------------------------------
 
@@ -365,16 +402,21 @@ class RoundStrategy(Strategy):
         config: ConfigRecord,
         timeout: float,
         traffic: Traffic,
-    ) -> tuple[ArrayRecord, MetricRecord] | None:
+        evaluate: Callable[[ArrayRecord], Evaluation],
+    ) -> tuple[ArrayRecord, MetricRecord, Evaluation] | None:
         for attempt in range(self.max_retries + 1):
             try:
                 plan = self.plan_round(
                     grid, server_round, attempt, arrays, config, timeout=timeout, traffic=traffic
                 )
-                return self.run_round(grid, plan, arrays)
+                new_arrays, metrics = self.run_round(grid, plan, arrays)
+                evaluation = evaluate(new_arrays)
+                self.check_evaluation(server_round, evaluation)
+                return new_arrays, metrics, evaluation
             except RoundFailure as failure:
                 log(ERROR, "Round %d (attempt %d) failed: %s", server_round, attempt + 1, failure)
                 if self.on_failure == "stop" or attempt == self.max_retries:
+                    self.stop_reason = f"round {server_round} failed: {failure}"
                     return None
                 if failure.culprits:
                     log(WARNING, "Retrying without nodes %s", sorted(failure.culprits))

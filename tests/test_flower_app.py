@@ -29,6 +29,7 @@ from common.protocol import (
     TRAIN_FEDTAN,
 )
 from server.app import run_fedtan
+from server.checkpoint import load_state_dict
 from server.local_run import LocalGrid, flower_in_this_process, run_locally
 from tests.float_noise import assert_within_rounding_noise
 
@@ -114,7 +115,7 @@ def test_results_are_written_every_round(tmp_path):
     assert rows[0].startswith("round,") and len(rows) == 3
     assert {"train-loss", "test-accuracy", "round_trips", "bn_bytes_up"} <= set(rows[0].split(","))
     assert '"status": "completed"' in (out / "summary.json").read_text()
-    assert set(torch.load(out / "model.pt")) == set(
+    assert set(load_state_dict(out)) == set(
         task.build_global_model(RunConfig.from_flower(BASE)).state_dict()
     )
 
@@ -203,7 +204,7 @@ def test_on_failure_stop_ends_cleanly_with_the_last_good_model(tmp_path):
     fails_in_round_2 = {1002: vanish_at_train_reply(2)}
     result, _ = run(tmp_path, faults=fails_in_round_2, **{"on-failure": "stop"})
     assert sorted(result.train_metrics_clientapp) == [1]
-    saved = torch.load(tmp_path / "out" / "model.pt")
+    saved = load_state_dict(tmp_path / "out")
     assert_states_equal(saved, result.arrays.to_torch_state_dict())
     assert '"status": "stopped"' in (tmp_path / "out" / "summary.json").read_text()
     # ... and that model is round 1 of the in-process engine.

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 try:
     import tomllib
@@ -33,6 +32,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from common.experiment.config import RunConfig
+from server.checkpoint import load_state_dict
 from server.processes import (
     Deadline,
     ManagedProcess,
@@ -78,7 +78,7 @@ def reference_config(run_config: dict) -> RunConfig:
 def assert_same_model(path: Path, cfg: RunConfig, num_clients: int) -> None:
     """The saved model is the in-process engine's, to float32's own noise (other processes
     may use other thread counts, so the float32 arithmetic may differ in order)."""
-    assert_is_the_in_process_model(torch.load(path, map_location="cpu"), cfg, num_clients)
+    assert_is_the_in_process_model(load_state_dict(path), cfg, num_clients)
 
 
 def read_summary(out: Path, procs, deadline: Deadline) -> dict:

@@ -77,6 +77,12 @@ class RunConfig:
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
+    # The output folder (server/results.py): continue the run in it from its last completed
+    # round, or clear it first; a model checkpoint every N rounds (0: none), the last few kept.
+    resume: bool = False
+    overwrite: bool = False
+    checkpoint_interval: int = 0
+    checkpoint_keep: int = 3
     milestones: tuple[int, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,12 +96,21 @@ class RunConfig:
                 raise ValueError(
                     f"run config '{_key(name)}' must be >= 1, got {getattr(self, name)}"
                 )
-        for name in ("clients_per_round", "max_retries", "seed", "fixbn_switch_round"):
+        for name in (
+            "clients_per_round",
+            "max_retries",
+            "seed",
+            "fixbn_switch_round",
+            "checkpoint_interval",
+            "checkpoint_keep",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"run config '{_key(name)}' must be >= 0, got {getattr(self, name)}"
                 )
         device.check_device_name(self.device)
+        if self.resume and self.overwrite:
+            raise ValueError("run config 'resume' and 'overwrite' exclude each other")
         if bool(self.bn_sync_certfile) != bool(self.bn_sync_keyfile):
             raise ValueError("run config 'bn-sync-certfile' and 'bn-sync-keyfile' go together")
         for name in ("lr", "dirichlet_alpha", "reply_timeout", "lr_gamma", "bn_sync_timeout"):
@@ -158,6 +173,10 @@ class RunConfig:
             kwargs[name] = _coerce(key, value, fields[name].type)
         return cls(**kwargs)
 
+    def to_flower(self) -> dict[str, object]:
+        """The run config with Flower's key names: what ``from_flower`` reads back."""
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
     def lr_at(self, server_round: int) -> float:
         """Step schedule: lr times lr_gamma for every milestone reached."""
         return self.lr * self.lr_gamma ** sum(server_round >= m for m in self.milestones)
@@ -180,7 +199,11 @@ def _coerce(key: str, value: object, type_name: str) -> object:
     # Flower parses TOML, so ints may arrive where floats are expected; nothing else is coerced.
     if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    expected = {"str": str, "int": int, "float": float, "bool": bool}[type_name]
-    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"run config '{key}': expected true or false, got {value!r}")
+        return value
+    expected = {"str": str, "int": int, "float": float}[type_name]
+    if not isinstance(value, expected) or isinstance(value, bool):
         raise ValueError(f"run config '{key}': expected {type_name}, got {value!r}")
     return value

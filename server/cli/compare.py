@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import logging
 import shlex
@@ -34,6 +33,7 @@ from pathlib import Path
 from client.app import app as client_app
 from common.experiment.config import RunConfig
 from common.experiment.methods import METHODS, check_method_names
+from server.checkpoint import run_description
 from server.cli.settings import (
     PROJECT_DIR,
     ConfigError,
@@ -84,7 +84,9 @@ def compare(args: argparse.Namespace) -> int:
             continue
         print(f"[{i}/{len(methods)}] {method}: {cfg.num_rounds} rounds ...", flush=True)
         t0 = time.monotonic()
-        run_locally(client_app, run_config, concurrency=1)  # no method needs nodes at once
+        # No method needs its nodes at once; a folder with an unfinished or other run of the
+        # method is replaced.
+        run_locally(client_app, {**run_config, "overwrite": True}, concurrency=1)
         print(
             f"[{i}/{len(methods)}] {method}: finished in {time.monotonic() - t0:.0f} s "
             f"(suite so far {time.monotonic() - started:.0f} s)",
@@ -134,11 +136,8 @@ def completed(cfg: RunConfig) -> bool:
         saved = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    # Compared by Flower's key names (older folders saved the dataclass's field names).
-    saved = {key.replace("_", "-"): value for key, value in saved.items()}
-    wanted = {k.replace("_", "-"): v for k, v in dataclasses.asdict(cfg).items()}
-    wanted.pop("milestones")
-    if summary.get("status") != "completed" or saved != json.loads(json.dumps(wanted)):
+    wanted = json.loads(json.dumps(run_description(cfg)))
+    if summary.get("status") != "completed" or saved != wanted:
         return False
     if short := degraded(load_rows(folder), cfg):
         print(f"{cfg.method}: rounds {short} lacked clients (a failure); running it again")

@@ -1,0 +1,369 @@
+"""The run folder: it belongs to one run, its files survive a kill at any moment, its model
+describes itself, and a failed round or a failed run is never mistaken for a good one.
+
+Runs are the real server and client code over the in-memory Grid (``server/local_run.py``);
+the kill test runs a recorder in a subprocess and SIGKILLs it while it writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import Result
+
+from client.app import app as client_app
+from common.experiment import task
+from common.experiment.config import RunConfig
+from common.protocol import MODEL_RECORD, TRAIN_FEDTAN
+from server import results
+from server.checkpoint import evaluate_run, load_model, load_state_dict, read_checkpoint
+from server.local_run import run_locally
+from server.results import RunFolderError, RunRecorder
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "dataset": "digits",
+    "model": "small_cnn",
+    "num-clients": 3,
+    "batch-size": 12,
+    "num-rounds": 2,
+    "max-retries": 1,
+}
+
+
+def run(out: Path, faults=None, **overrides):
+    return run_locally(client_app, {**BASE, "output-dir": str(out), **overrides}, faults=faults)
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def folder_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+# --- the checkpoint describes itself ---------------------------------------------------------
+
+
+def test_the_saved_model_rebuilds_and_evaluates_from_the_run_folder_alone(tmp_path):
+    out = tmp_path / "out"
+    result, _ = run(out)
+    model = load_model(out)
+    final = result.arrays.to_torch_state_dict()
+    assert all(torch.equal(model.state_dict()[k], final[k]) for k in final)
+    assert not model.training
+    assert set(load_model(out / "model.pt").state_dict()) == set(final)
+
+    checkpoint = read_checkpoint(out)
+    cfg = RunConfig.from_flower({**BASE, "output-dir": str(out)})
+    test = task.eval_dataset(cfg)
+    assert checkpoint["round"] == 2
+    assert (checkpoint["model"], checkpoint["norm"]) == ("small_cnn", "batch")
+    assert (checkpoint["in_channels"], checkpoint["num_classes"]) == (1, 10)
+    assert (checkpoint["data_mean"], checkpoint["data_std"]) == (list(test.mean), list(test.std))
+    assert checkpoint["run_config"] == json.loads((out / "config.json").read_text())
+    assert RunConfig.from_flower(checkpoint["run_config"]) == cfg
+
+    # The same numbers the run reported for its last round, recomputed from the folder.
+    final_row = summary(out)["final"]
+    evaluated = evaluate_run(out)
+    assert evaluated == {k: final_row[k] for k in ("test-loss", "test-accuracy")}
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_by_name(tmp_path):
+    bare = tmp_path / "bare.pt"
+    torch.save({"weight": torch.zeros(2)}, bare)
+    with pytest.raises(ValueError, match="bare.pt is not a FedTAN checkpoint"):
+        load_model(bare)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_model(tmp_path)
+
+
+# --- a folder belongs to one run --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "second",
+    [{}, {"lr": 0.05}, {"method": "fedavg-bn"}],
+    ids=["the same config", "another lr", "another method"],
+)
+def test_a_folder_with_results_is_refused_and_left_untouched(tmp_path, second):
+    out = tmp_path / "out"
+    run(out)
+    before = folder_bytes(out)
+    with pytest.raises(RunFolderError, match=f"{out}.*'resume = true'.*'overwrite = true'"):
+        run(out, **second)
+    assert folder_bytes(out) == before
+
+
+def test_a_folder_with_another_runs_config_and_no_results_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    other = {**RunConfig.from_flower({**BASE, "lr": 0.05}).to_flower(), "output-dir": str(out)}
+    (out / "config.json").write_text(json.dumps(other))
+    with pytest.raises(RunFolderError, match="holds another run"):
+        run(out)
+    assert json.loads((out / "config.json").read_text()) == other
+
+
+def test_overwrite_replaces_every_file_of_the_old_run_and_only_those(tmp_path):
+    out = tmp_path / "out"
+    run(out, **{"num-rounds": 3, "checkpoint-interval": 1})
+    (out / "notes.txt").write_text("the user's own file")
+    run(out, overwrite=True, lr=0.05)
+    assert summary(out)["rounds_completed"] == 2
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.05
+    assert [row["round"] for row in json.loads((out / "metrics.json").read_text())] == [1, 2]
+    assert not (out / "checkpoints").exists()  # round 1..3 checkpoints of the old run
+    assert (out / "notes.txt").read_text() == "the user's own file"
+
+
+def test_config_json_keeps_the_run_not_how_the_folder_was_opened(tmp_path):
+    out = tmp_path / "out"
+    run(out, overwrite=True)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["overwrite"] is False and saved["resume"] is False
+    assert RunConfig.from_flower(saved).to_flower() == saved
+
+
+# --- summary.json tells how the run ended -----------------------------------------------------
+
+
+def evaluate_then(monkeypatch, after_calls: int, then):
+    """``task.evaluate`` as usual for its first ``after_calls`` calls (round 0, round 1, ...),
+    then ``then(model, cfg)``."""
+    real, calls = task.evaluate, []
+
+    def evaluate(model, cfg, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= after_calls:
+            return real(model, cfg, *args, **kwargs)
+        return then(model, cfg)
+
+    monkeypatch.setattr(task, "evaluate", evaluate)
+
+
+def test_an_exception_in_the_server_app_is_written_down_and_raised(tmp_path, monkeypatch):
+    def broken(model, cfg):
+        raise RuntimeError("the disk is full")
+
+    evaluate_then(monkeypatch, 2, broken)  # rounds 0 and 1 evaluate, round 2 raises
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        run(out)
+    ended = summary(out)
+    assert ended["status"] == "failed"
+    assert "RuntimeError: the disk is full" in ended["reason"]
+    assert (ended["rounds_completed"], ended["num_rounds"]) == (1, 2)
+    assert read_checkpoint(out)["round"] == 1
+    assert [row["round"] for row in json.loads((out / "metrics.json").read_text())] == [1]
+
+
+def test_a_run_that_fails_before_its_first_round_says_so(tmp_path, monkeypatch):
+    def no_data(cfg):
+        raise FileNotFoundError("no CIFAR-10 under data/")
+
+    monkeypatch.setattr(task, "build_global_model", no_data)
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError):
+        run(out)
+    ended = summary(out)
+    assert (ended["status"], ended["rounds_completed"]) == ("failed", 0)
+    assert "no CIFAR-10 under data/" in ended["reason"]
+
+
+def test_a_round_whose_model_evaluates_to_a_nan_loss_fails_and_is_never_saved(
+    tmp_path, monkeypatch
+):
+    evaluate_then(monkeypatch, 2, lambda model, cfg: {"test-loss": math.nan, "test-accuracy": 0})
+    out = tmp_path / "out"
+    result, _ = run(out, **{"num-rounds": 3})  # max-retries 1: round 2 twice, then stop
+    assert sorted(result.train_metrics_clientapp) == [1]
+    ended = summary(out)
+    assert ended["status"] == "stopped"
+    assert "round 2 failed" in ended["reason"] and "test loss is nan" in ended["reason"]
+    assert ended["rounds_completed"] == 1
+    assert read_checkpoint(out)["round"] == 1
+    assert_saved_is(out, result)
+
+
+def nan_in_train_reply(reply: Message) -> Message:
+    """A client whose train reply carries a model with a NaN weight."""
+    if reply.metadata.message_type != TRAIN_FEDTAN or reply.has_error():
+        return reply
+    state = reply.content.array_records[MODEL_RECORD].to_torch_state_dict()
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key].view(-1)[0] = math.nan
+    reply.content[MODEL_RECORD] = ArrayRecord(state)
+    return reply
+
+
+def test_a_round_whose_averaged_model_is_not_finite_fails_and_is_never_saved(tmp_path):
+    out = tmp_path / "out"
+    result, _ = run(out, faults={1001: nan_in_train_reply}, **{"on-failure": "stop"})
+    assert result.train_metrics_clientapp == {}
+    ended = summary(out)
+    assert ended["status"] == "stopped" and "non-finite" in ended["reason"]
+    assert ended["rounds_completed"] == 0
+    assert not (out / "model.pt").exists()
+
+
+def assert_saved_is(out: Path, result: Result) -> None:
+    saved, final = load_state_dict(out), result.arrays.to_torch_state_dict()
+    assert all(torch.equal(saved[k], final[k]) for k in final)
+
+
+# --- checkpoints and TensorBoard --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("interval", "keep", "kept"), [(2, 1, [4]), (1, 2, [4, 5]), (0, 3, [])])
+def test_checkpoints_every_n_rounds_keep_the_last_few(tmp_path, interval, keep, kept):
+    out = tmp_path / "out"
+    result, _ = run(
+        out, **{"num-rounds": 5, "checkpoint-interval": interval, "checkpoint-keep": keep}
+    )
+    files = sorted((out / "checkpoints").glob("*"))
+    assert [f.name for f in files] == [f"round-{r:06d}.pt" for r in kept]
+    assert [read_checkpoint(f)["round"] for f in files] == kept
+    if 5 in kept:  # the last round's checkpoint is the final model
+        assert files[-1].read_bytes() == (out / "model.pt").read_bytes()
+
+
+def test_tensorboard_events_hold_every_rounds_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    run(out, **{"num-rounds": 3})
+    assert list(out.glob(results.EVENTS_GLOB))
+    events = EventAccumulator(str(out))
+    events.Reload()
+    rows = json.loads((out / "metrics.json").read_text())
+    for key in ("train-loss", "test-accuracy", "seconds"):
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [1, 2, 3]
+        assert [s.value for s in scalars] == pytest.approx([row[key] for row in rows], rel=1e-6)
+
+
+def test_without_tensorboard_no_event_files_are_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    out = tmp_path / "out"
+    run(out)
+    assert summary(out)["status"] == "completed"
+    assert not list(out.glob(results.EVENTS_GLOB))
+
+
+# --- durable writes ---------------------------------------------------------------------------
+
+
+def test_a_write_interrupted_before_its_rename_leaves_the_old_files_and_is_cleaned(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    run(out, **{"num-rounds": 1})
+    before = folder_bytes(out)
+    real_replace, renamed = os.replace, []
+
+    def fail_to_rename_the_metrics(src, dst):
+        if Path(dst).name == "metrics.json" and "model.pt" in renamed:  # round 2's
+            raise OSError("the rename never happened")
+        renamed.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(results.os, "replace", fail_to_rename_the_metrics)
+    with pytest.raises(OSError, match="the rename never happened"):
+        run(out, resume=True, **{"num-rounds": 2})
+    monkeypatch.setattr(results.os, "replace", real_replace)
+
+    assert (out / "metrics.json.partial").exists()
+    assert read_checkpoint(out)["round"] == 2  # the model came first ...
+    for name in ("metrics.json", "metrics.csv"):  # ... its metrics are still the old ones
+        assert (out / name).read_bytes() == before[name]
+    assert summary(out)["status"] == "failed"
+    assert_consistent(out)
+
+    result, _ = run(out, resume=True, **{"num-rounds": 2})
+    assert not list(out.rglob("*.partial"))
+    assert summary(out)["status"] == "completed"
+    assert [row["round"] for row in json.loads((out / "metrics.json").read_text())] == [1, 2]
+
+
+def assert_consistent(out: Path, *, settled: bool = False) -> None:
+    """Every file whole and of this run; written in the order model, metrics.json,
+    metrics.csv, summary, each may lag the one before by a round, unless ``settled`` (a new
+    start has rewritten them)."""
+    config = json.loads((out / "config.json").read_text())
+    rows = json.loads((out / "metrics.json").read_text())
+    with open(out / "metrics.csv", newline="") as f:
+        csv_rounds = [int(row["round"]) for row in csv.DictReader(f)]
+    ended = json.loads((out / "summary.json").read_text())
+    checkpoint = read_checkpoint(out)
+    metric_rounds = [row["round"] for row in rows]
+    assert metric_rounds == list(range(1, len(rows) + 1))
+    assert csv_rounds in (metric_rounds, metric_rounds[:-1])
+    assert checkpoint["run_config"] == config
+    assert len(rows) in (checkpoint["round"], checkpoint["round"] - 1)
+    assert ended["rounds_completed"] in (checkpoint["round"], checkpoint["round"] - 1)
+    if settled:
+        assert csv_rounds == metric_rounds == list(range(1, checkpoint["round"] + 1))
+
+
+KILLS = 4
+WRITER = """
+import sys
+from tests.test_results import write_rounds_forever
+write_rounds_forever(sys.argv[1])
+"""
+
+
+def write_rounds_forever(out: str) -> None:
+    """A run that never ends: records a round after round (a large model: long writes)."""
+    cfg = RunConfig.from_flower({**BASE, "output-dir": out, "resume": True, "num-rounds": 10**6})
+    recorder = RunRecorder(cfg)
+    server_round = recorder.rounds_completed
+    while True:
+        server_round += 1
+        state = {"weight": torch.full((2_000_000,), float(server_round))}
+        result = Result(arrays=ArrayRecord(state))
+        result.train_metrics_clientapp[server_round] = MetricRecord({"train-loss": 1.0})
+        recorder.record(server_round, result, {"seconds": 0.0})
+        print(server_round, flush=True)
+
+
+def test_a_kill_at_any_moment_of_writing_leaves_a_consistent_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = RunConfig.from_flower({**BASE, "output-dir": str(out), "num-rounds": 10**6})
+    (out / "config.json").write_bytes(results._json(results.run_description(cfg)))
+    leftovers = 0
+    for kill in range(KILLS):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            for _ in range(2 + kill % 3):  # a few rounds, then a kill at some point of a write
+                assert writer.stdout.readline(), "the writer died"
+            time.sleep(0.05 * kill)
+        finally:
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(timeout=30)
+            writer.stdout.close()
+        assert_consistent(out)
+        assert json.loads((out / "summary.json").read_text())["status"] == "running"
+        leftovers += bool(list(out.rglob("*.partial")))
+    print(f"{leftovers} of {KILLS} kills left a partial write behind")
+    RunRecorder(RunConfig.from_flower({**cfg.to_flower(), "resume": True}))
+    assert not list(out.rglob("*.partial"))
+    assert_consistent(out, settled=True)
