@@ -65,7 +65,7 @@ def centralized_model(
         ("device", "gpu", "run config 'device'"),
         ("device", "cuda:x", "run config 'device'"),
         ("precision", "fp8", "run config 'precision'"),
-        ("channels-last", 1, "run config 'channels-last': expected bool"),
+        ("channels-last", 1, "run config 'channels-last': expected true or false, got 1"),
     ],
 )
 def test_a_wrong_device_precision_or_layout_fails_naming_the_key(key, value, message):

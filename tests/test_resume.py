@@ -62,6 +62,7 @@ BASE = {
     "momentum": 0.9,
     "max-retries": 1,
     "num-rounds": 4,
+    "reply-timeout": 5.0,  # how long a vanished client's reply is waited for
 }
 
 
