@@ -423,9 +423,10 @@ def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
         assert probe.returncode == 0, probe.stderr
         seen = json.loads(probe.stdout.strip().splitlines()[-1])
         print("BN sync service probed from a client namespace:", json.dumps(seen, indent=1))
-        # The service answers a TLS client that trusts the CA (it refuses the bogus request) ...
-        assert seen["tls"][0] == "INVALID_ARGUMENT", seen
-        assert "malformed request" in seen["tls"][1], seen
+        # The service answers a TLS client that trusts the CA (it refuses a call that names no
+        # round, client and credential, from the headers alone) ...
+        assert seen["tls"][0] == "UNAUTHENTICATED", seen
+        assert "credential in its metadata" in seen["tls"][1], seen
         # ... and no plaintext client, nor one that does not trust its certificate.
         assert seen["plaintext"][0] == "UNAVAILABLE", seen
         assert seen["tls-other-ca"][0] == "UNAVAILABLE", seen
