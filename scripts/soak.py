@@ -36,9 +36,8 @@ sys.path.insert(0, str(ROOT))
 from server.processes import (  # noqa: E402
     Deadline,
     ManagedProcess,
-    adopt_process,
+    adopt_local_superlinks,
     local_superlink_env,
-    local_superlink_pids,
     logs,
     process_table,
     start_flwr_run,
@@ -124,10 +123,8 @@ def run_soak(args: argparse.Namespace, tmp: Path, out: Path) -> list[MemorySampl
         while flwr.running():
             if deadline.remaining() <= 0:
                 raise RuntimeError(f"not done within {args.timeout:.0f} s\n" + logs(procs))
-            if link is None and (pids := local_superlink_pids(home)):
-                link = adopt_process(
-                    pids[0], name="local-superlink", log_path=home / "local-superlink" / "sl.log"
-                )
+            if link is None and (found := adopt_local_superlinks(home)):
+                link = found[0]
                 procs.append(link)
             done = rounds_done(out / "metrics.csv")
             if link is not None and done > 0:
@@ -142,12 +139,7 @@ def run_soak(args: argparse.Namespace, tmp: Path, out: Path) -> list[MemorySampl
         print("interrupted: stopping the Flower processes", file=sys.stderr)
         raise
     finally:
-        known = {p.pid for p in procs}
-        procs += [
-            adopt_process(pid, name="local-superlink")
-            for pid in local_superlink_pids(home)
-            if pid not in known
-        ]
+        procs += adopt_local_superlinks(home, procs)
         for line in stop_processes(procs):
             print(line, file=sys.stderr)
     completed = rounds_done(out / "metrics.csv")

@@ -283,6 +283,20 @@ def adopt_process(pid: int, *, name: str, log_path: Path | None = None) -> Manag
     return ManagedProcess(name, pid, None, log_path)
 
 
+def adopt_local_superlinks(
+    flwr_home: Path, known: Iterable[ManagedProcess] = ()
+) -> list[ManagedProcess]:
+    """The detached local SuperLinks of ``flwr_home`` not among ``known``, adopted: ``flwr run``
+    starts one for ``:local:`` that outlives it, so whoever ran it must stop it too."""
+    pids = {p.pid for p in known}
+    log_path = Path(flwr_home) / "local-superlink" / "superlink.log"
+    return [
+        adopt_process(pid, name="local-superlink", log_path=log_path)
+        for pid in local_superlink_pids(flwr_home)
+        if pid not in pids
+    ]
+
+
 def stop_processes(
     procs: Iterable[ManagedProcess | None], grace: float = 15.0, kill_wait: float = 5.0
 ) -> list[str]:

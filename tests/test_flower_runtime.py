@@ -36,10 +36,9 @@ from server.checkpoint import load_state_dict
 from server.processes import (
     Deadline,
     ManagedProcess,
-    adopt_process,
+    adopt_local_superlinks,
     flower_env,
     local_superlink_env,
-    local_superlink_pids,
     logs,
     process_table,
     start_flwr_run,
@@ -145,12 +144,8 @@ def test_simulation_on_ray_actors_gives_the_in_process_engine_model(tmp_path, tr
         procs.append(flwr)
         link = None
         while flwr.running() and deadline.remaining() > 0:
-            if link is None and (pids := local_superlink_pids(home)):
-                link = adopt_process(
-                    pids[0],
-                    name="local-superlink",
-                    log_path=home / "local-superlink" / "superlink.log",
-                )
+            if link is None and (found := adopt_local_superlinks(home)):
+                link = found[0]
                 procs.append(link)
             if link is not None:
                 table = process_table()
@@ -167,12 +162,7 @@ def test_simulation_on_ray_actors_gives_the_in_process_engine_model(tmp_path, tr
         assert summary["rounds_completed"] == 2, summary
     finally:
         # The local SuperLink is detached from flwr run: also stop one this loop did not adopt.
-        known = {p.pid for p in procs}
-        procs += [
-            adopt_process(pid, name="local-superlink")
-            for pid in local_superlink_pids(home)
-            if pid not in known
-        ]
+        procs += adopt_local_superlinks(home, procs)
         run_s = deadline.elapsed()
         killed = stop_processes(procs)
         print(f"run {run_s:.0f} s, teardown {deadline.elapsed() - run_s:.0f} s", *killed, sep="\n")

@@ -34,9 +34,8 @@ from server.local_run import run_locally
 from server.processes import (
     Deadline,
     ManagedProcess,
-    adopt_process,
+    adopt_local_superlinks,
     local_superlink_env,
-    local_superlink_pids,
     logs,
     process_table,
     start_flwr_run,
@@ -208,12 +207,8 @@ def simulate(tmp_path: Path, name: str, run_config: dict, deadline: Deadline, ki
         procs.append(flwr)
         link = None
         while flwr.running() and deadline.remaining() > 0 and not killed:
-            if link is None and (pids := local_superlink_pids(home)):
-                link = adopt_process(
-                    pids[0],
-                    name="local-superlink",
-                    log_path=home / "local-superlink" / "superlink.log",
-                )
+            if link is None and (found := adopt_local_superlinks(home)):
+                link = found[0]
                 procs.append(link)
             if link is not None:
                 table = process_table()
@@ -229,12 +224,7 @@ def simulate(tmp_path: Path, name: str, run_config: dict, deadline: Deadline, ki
         else:
             assert killed, "the ServerApp was never killed\n" + logs(procs)
     finally:
-        known = {p.pid for p in procs}
-        procs += [
-            adopt_process(pid, name="local-superlink")
-            for pid in local_superlink_pids(home)
-            if pid not in known
-        ]
+        procs += adopt_local_superlinks(home, procs)
         print(name, *stop_processes(procs), sep="\n")
 
 

@@ -25,9 +25,8 @@ from pathlib import Path
 from server.processes import (
     LOOPBACK,
     ManagedProcess,
-    adopt_process,
+    adopt_local_superlinks,
     flower_bin,
-    local_superlink_pids,
     start_process,
     stop_processes,
 )
@@ -272,10 +271,7 @@ class FlowerRun:
     def _adopt_local_superlink(self) -> None:
         if self.flwr_home is None:
             return
-        known = {proc.pid for proc in self.procs}
-        for pid in local_superlink_pids(self.flwr_home):
-            if pid not in known:
-                self.procs.append(adopt_process(pid, name="local-superlink"))
+        self.procs += adopt_local_superlinks(self.flwr_home, self.procs)
 
 
 def _healthy(url: str) -> bool:
