@@ -6,7 +6,8 @@ Message types (``common/protocol.py``; the server's side is ``common/transports/
   with the union statistics the message carries and reply with this client's statistics of the
   next BN layer. The first message of a round also carries the global model, which is kept in
   ``context.state`` (it persists per node in simulation and deployment alike).
-* ``query.bn_sync_preflight`` (transport "grpc"): join the BN sync service once before round 1.
+* ``query.bn_sync_preflight`` (transports "grpc", "inprocess"): join the BN sync service (or the
+  in-process hub) once before round 1.
 * ``train.fedtan``: take the synced step (its statistics replayed from the message, or live over
   the BN sync service) and E-1 local steps; reply with the new model and the samples trained on.
 * ``train.local`` / ``evaluate.local``: the baselines' plain local training and client-side
@@ -34,6 +35,7 @@ from common.fedtan.bn_sync import convert_federated_batchnorm
 from common.protocol import (
     BACKWARD,
     BN_SYNC_ADDRESS,
+    BN_SYNC_HUB,
     CONFIG_RECORD,
     EVALUATE_LOCAL,
     FORWARD,
@@ -55,6 +57,7 @@ from common.protocol import (
     TrainSettings,
 )
 from common.transports.grpc.client import GrpcBNChannel
+from common.transports.inprocess import InProcessBNChannel
 from common.transports.messages.client import ReplayChannel, capture_local_stats
 from common.transports.messages.records import UnionStats, local_stats_record
 
@@ -75,6 +78,10 @@ def bn_backward(msg: Message, context: Context) -> Message:
 def bn_sync_preflight(msg: Message, context: Context) -> Message:
     """Join the round's BN sync service once, as the synced step will: proves it can."""
     config = msg.content.config_records[CONFIG_RECORD]
+    if BN_SYNC_HUB in config:
+        with InProcessBNChannel(config, context.node_id) as channel:
+            channel.preflight()
+        return Message(RecordDict(), reply_to=msg)
     probe = Moments(1, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
     with GrpcBNChannel.from_train_config(
         config, str(context.node_id), context.node_config
@@ -123,10 +130,13 @@ def train(msg: Message, context: Context) -> Message:
 
 def _synced_step_channel(msg: Message, context: Context) -> BNChannel:
     """Where the synced step's union statistics come from: live over the BN sync service when
-    the message says where it is (transport "grpc"), else replayed from the message."""
+    the message says where it is (transport "grpc"), through the in-process hub it names
+    (transport "inprocess"), else replayed from the message."""
     config = msg.content.config_records[CONFIG_RECORD]
     if BN_SYNC_ADDRESS in config:
         return GrpcBNChannel.from_train_config(config, str(context.node_id), context.node_config)
+    if BN_SYNC_HUB in config:
+        return InProcessBNChannel(config, context.node_id)
     return ReplayChannel.from_message(msg.content)
 
 

@@ -67,6 +67,7 @@ BN_SYNC_ROUND = "bn-sync-round"  # the service's round id (one per attempt)
 BN_SYNC_CREDENTIAL = "bn-sync-credential"  # this client's credential, for this round only
 BN_SYNC_ROOT_CERTIFICATES = "bn-sync-root-certificates"  # PEM; empty: no TLS
 BN_SYNC_TIMEOUT = "bn-sync-timeout"  # seconds the client waits for one exchange
+BN_SYNC_HUB = "bn-sync-hub"  # transport "inprocess": the key of the attempt's hub
 
 # --- keys of the metrics record --------------------------------------------------------------
 NUM_EXAMPLES = "num-examples"

@@ -22,6 +22,7 @@ from common.protocol import TrainSettings
 from common.transports.base import Transport
 from common.transports.grpc.server import GrpcTransport, trace_sync_shape
 from common.transports.grpc.service import SyncShape
+from common.transports.inprocess import InProcessTransport
 from common.transports.messages.server import MessagesTransport, SyncPoints
 from server.baselines import baseline_strategy
 from server.results import RunRecorder
@@ -134,4 +135,6 @@ def make_transport(
         )
     if cfg.transport == "messages":
         return MessagesTransport(sync_points)
+    if cfg.transport == "inprocess":
+        return InProcessTransport()
     raise ValueError(f"run config 'transport': no transport named {cfg.transport!r}")

@@ -369,3 +369,77 @@ def test_clients_per_round_samples_a_seeded_subset_every_round(tmp_path):
 
     assert trained(grid) == trained(grid_again)  # the same seed samples the same nodes
     assert len(set(trained(grid))) > 2  # and not the same two every round
+
+
+# --- transport = "inprocess": the clients are threads of the ServerApp's process ------------
+
+
+def test_the_inprocess_transport_gives_the_in_process_engine_model(tmp_path):
+    overrides = {"transport": "inprocess", "local-steps": 2}
+    result, grid = run(tmp_path, **overrides)
+    cfg = RunConfig.from_flower({**BASE, **overrides})
+    assert_is_the_in_process_model(result.arrays.to_torch_state_dict(), cfg)
+    # One Flower message per client and round (after one check before round 1), and no hub
+    # left open once the run is over.
+    assert [m.metadata.message_type for m in grid.sent] == ["query.bn_sync_preflight"] * 3 + [
+        TRAIN_FEDTAN
+    ] * 3 * 2
+    from common.transports.inprocess import OPEN_HUBS
+
+    assert not OPEN_HUBS
+
+
+def test_a_client_failing_mid_step_in_process_releases_the_others_and_is_left_out(
+    tmp_path, caplog, monkeypatch
+):
+    """The others are released by the failing client at once, not after their timeout; the
+    retry leaves out that client alone, whose error is not an echo of the abort."""
+    import time
+
+    from common.transports.inprocess import InProcessBNChannel
+
+    real = InProcessBNChannel.reduce_grad_sums
+
+    def killed_in_backward(self, layer, local):
+        if self.node_id == 1001:
+            raise RuntimeError("client process killed")
+        return real(self, layer, local)
+
+    monkeypatch.setattr(InProcessBNChannel, "reduce_grad_sums", killed_in_backward)
+    started = time.monotonic()
+    result, grid = run(tmp_path, **{"transport": "inprocess", "reply-timeout": 120.0})
+    assert time.monotonic() - started < 60.0  # far below one wait at the hub (120 s)
+    retries = [r.getMessage() for r in caplog.records if "Retrying without" in r.getMessage()]
+    assert retries == ["Retrying without nodes [1001]"]
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert all(m["clients"] == 2 for m in result.train_metrics_clientapp.values())
+
+
+def test_a_client_whose_reply_vanishes_in_process_is_the_only_one_left_out(tmp_path, caplog):
+    vanished = {1002: vanish_at_train_reply(1)}
+    result, _ = run(tmp_path, faults=vanished, **{"transport": "inprocess"})
+    retries = [r.getMessage() for r in caplog.records if "Retrying without" in r.getMessage()]
+    assert retries == ["Retrying without nodes [1002]"]
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+
+
+def test_inprocess_fails_at_start_when_the_clients_cannot_meet_in_this_process(tmp_path):
+    """Clients that cannot run at once (here one at a time) never meet at the hub: the check
+    before round 1 says what the transport needs, and no round starts."""
+    overrides = {"transport": "inprocess", "reply-timeout": 1.0}
+    run_config = {**BASE, "output-dir": str(tmp_path / "out"), **overrides}
+    grid = LocalGrid(client_app, 3, run_config, concurrency=1)
+    with pytest.raises(RuntimeError, match="before round 1.*running at once.*'grpc'"):
+        with flower_in_this_process():
+            run_fedtan(grid, RunConfig.from_flower(run_config))
+    assert not (tmp_path / "out" / "metrics.csv").exists()
+
+
+def test_a_client_outside_the_servers_process_finds_no_hub():
+    from flwr.app import ConfigRecord
+
+    from common.protocol import BN_SYNC_HUB
+    from common.transports.inprocess import InProcessBNChannel
+
+    with pytest.raises(BNSyncError, match="no in-process BN sync hub 'round-1-x'.*run_locally"):
+        InProcessBNChannel(ConfigRecord({BN_SYNC_HUB: "round-1-x"}), 1000)

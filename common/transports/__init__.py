@@ -1,4 +1,5 @@
-"""How FedTAN's BN statistics travel between the clients: one subpackage per transport, each
-implementing ``base.Transport`` (server side) and a ``BNChannel`` (client side)."""
+"""How FedTAN's BN statistics travel between the clients: one subpackage (or, for the
+in-process one, a module) per transport, each implementing ``base.Transport`` (server side) and
+a ``BNChannel`` (client side)."""
 
-NAMES = ("messages", "grpc")  # run config ``transport``; server/app.py: make_transport
+NAMES = ("messages", "grpc", "inprocess")  # run config ``transport``; server/app.py: make_transport
