@@ -8,6 +8,7 @@ Message types (``common/protocol.py``; the server's side is ``common/transports/
   ``context.state`` (it persists per node in simulation and deployment alike).
 * ``query.bn_sync_preflight`` (transports "grpc", "inprocess"): join the BN sync service (or the
   in-process hub) once before round 1.
+* ``query.partition``: which data partition this node trains on (the server's canonical order).
 * ``train.fedtan``: take the synced step (its statistics replayed from the message, or live over
   the BN sync service) and E-1 local steps; reply with the new model and the samples trained on.
 * ``train.local`` / ``evaluate.local``: the baselines' plain local training and client-side
@@ -46,6 +47,7 @@ from common.protocol import (
     QUERY_BN_BACKWARD,
     QUERY_BN_FORWARD,
     QUERY_BN_SYNC_PREFLIGHT,
+    QUERY_PARTITION,
     ROUND_MODEL_ROUND_STATE,
     ROUND_MODEL_STATE,
     SERVER_ROUND,
@@ -88,6 +90,13 @@ def bn_sync_preflight(msg: Message, context: Context) -> Message:
     ) as channel:
         channel.reduce_moments("preflight", probe)
     return Message(RecordDict(), reply_to=msg)
+
+
+@app.query(QUERY_PARTITION.action)
+def partition(msg: Message, context: Context) -> Message:
+    """Which partition this node trains on: the server orders and samples clients by it."""
+    metrics = MetricRecord({PARTITION_ID: _partition(context)[0]})
+    return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
 
 
 @app.train(TRAIN_LOCAL.action)

@@ -41,6 +41,7 @@ EVALUATE_LOCAL = MessageType("evaluate.local")  # a client evaluates its own mod
 QUERY_BN_FORWARD = MessageType("query.bn_forward")  # transport "messages": a layer's moments
 QUERY_BN_BACKWARD = MessageType("query.bn_backward")  # ... and its gradient sums
 QUERY_BN_SYNC_PREFLIGHT = MessageType("query.bn_sync_preflight")  # transport "grpc", round 0
+QUERY_PARTITION = MessageType("query.partition")  # which data partition a node trains on
 
 # --- record keys of a message's RecordDict ---------------------------------------------------
 CONFIG_RECORD = "config"  # ConfigRecord: the round's settings (keys below)

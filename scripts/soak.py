@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 import statistics
 import sys
@@ -126,7 +127,7 @@ def run_soak(args: argparse.Namespace, tmp: Path, out: Path) -> list[MemorySampl
             if link is None and (found := adopt_local_superlinks(home)):
                 link = found[0]
                 procs.append(link)
-            done = rounds_done(out / "metrics.csv")
+            done = rounds_done(out)
             if link is not None and done > 0:
                 samples.append(memory_sample(link, done))
                 if time.monotonic() - last_print > 60:
@@ -142,17 +143,17 @@ def run_soak(args: argparse.Namespace, tmp: Path, out: Path) -> list[MemorySampl
         procs += adopt_local_superlinks(home, procs)
         for line in stop_processes(procs):
             print(line, file=sys.stderr)
-    completed = rounds_done(out / "metrics.csv")
+    completed = rounds_done(out)
     if completed != args.rounds:
         sys.exit(f"the run completed {completed} of {args.rounds} rounds\n" + logs(procs))
     return samples
 
 
-def rounds_done(metrics_csv: Path) -> int:
+def rounds_done(out: Path) -> int:
+    """Rounds completed so far (summary.json is rewritten every round; metrics.csv lags)."""
     try:
-        with open(metrics_csv) as f:
-            return max(0, sum(1 for _ in f) - 1)
-    except FileNotFoundError:
+        return int(json.loads((out / "summary.json").read_text())["rounds_completed"])
+    except (OSError, ValueError, KeyError):  # not written yet
         return 0
 
 

@@ -86,9 +86,9 @@ def _run(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> tuple[Result, str
     else:
         strategy = baseline_strategy(cfg, model, **loop)
     strategy.on_round = lambda server_round, result, cost: recorder.record(
-        server_round, result, cost, excluded=strategy.excluded
+        server_round, result, cost, excluded_partitions=strategy.excluded_partitions
     )
-    strategy.resume_from(resume.rounds_done, resume.excluded)
+    strategy.resume_from(resume.rounds_done, resume.excluded_partitions)
     settings = TrainSettings(
         batch_size=cfg.batch_size,
         local_steps=cfg.local_steps,

@@ -41,7 +41,7 @@ def make_checkpoint(
     server_round: int,
     state: Mapping[str, Tensor],
     *,
-    excluded: Iterable[int] = (),
+    excluded_partitions: Iterable[int] = (),
     row: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of ``cfg``'s global model ``state`` after ``server_round``."""
@@ -56,7 +56,7 @@ def make_checkpoint(
         "data_std": list(data.std),
         "run_config": run_description(cfg),
         "round": server_round,
-        "excluded_nodes": sorted(excluded),
+        "excluded_partitions": sorted(excluded_partitions),
         "metrics": dict(row or {}),
         "state_dict": {key: tensor.detach().cpu() for key, tensor in state.items()},
     }

@@ -18,7 +18,7 @@ import ast
 import copy
 import itertools
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -44,15 +44,19 @@ def run_locally(
     faults: Mapping[int, Fault] | None = None,
     num_nodes: int | None = None,
     concurrency: int | None = None,
+    node_ids: Sequence[int] | None = None,
 ) -> tuple[Result, LocalGrid]:
     """One run of ``run_config`` (Flower run config keys) by ``server.app.run_fedtan`` with
     ``client_app`` on ``num_nodes`` in-memory nodes (default: its ``num-clients``).
 
     ``concurrency``: how many nodes handle messages at once (like Ray actors); None: all.
+    ``node_ids``: the node ids, one per partition (Flower draws them at random per run).
     Returns the run's result and the grid, which holds every message it sent.
     """
     cfg = RunConfig.from_flower(run_config)
-    grid = LocalGrid(client_app, num_nodes or cfg.num_clients, run_config, faults, concurrency)
+    grid = LocalGrid(
+        client_app, num_nodes or cfg.num_clients, run_config, faults, concurrency, node_ids
+    )
     with flower_in_this_process():
         return run_fedtan(grid, cfg), grid
 
@@ -86,7 +90,8 @@ def flower_in_this_process() -> Iterator[None]:
 
 
 class LocalGrid(Grid):
-    """An in-memory Grid of ``num_nodes`` nodes that run ``client_app`` in threads."""
+    """An in-memory Grid of ``num_nodes`` nodes that run ``client_app`` in threads; node k
+    trains on partition k and has id ``node_ids[k]`` (default ``FIRST_NODE_ID + k``)."""
 
     def __init__(
         self,
@@ -95,9 +100,12 @@ class LocalGrid(Grid):
         run_config: Mapping,
         faults: Mapping[int, Fault] | None = None,
         concurrency: int | None = None,
+        node_ids: Sequence[int] | None = None,
     ) -> None:
         self.client_app = client_app
-        self.node_ids = [FIRST_NODE_ID + k for k in range(num_nodes)]
+        self.node_ids = list(node_ids or (FIRST_NODE_ID + k for k in range(num_nodes)))
+        if len(self.node_ids) != num_nodes or len(set(self.node_ids)) != num_nodes:
+            raise ValueError(f"need {num_nodes} distinct node ids, got {self.node_ids}")
         self.contexts = {
             node: Context(
                 run_id=RUN_ID,
@@ -161,4 +169,3 @@ class LocalGrid(Grid):
 
     def create_message(self, *args, **kwargs):  # pragma: no cover
         raise NotImplementedError
-

@@ -10,6 +10,14 @@ interrupted write are removed at the next start. After every good round the mode
 (``model.pt``, a self-describing checkpoint: ``server/checkpoint.py``) is written before the
 metrics that announce it, then ``summary.json``, whose ``status`` is "running" until the run
 ends "completed", "stopped" (a round failed for good) or "failed" (an exception).
+
+The metrics of every round are appended to ``metrics.jsonl`` (one JSON row per line, flushed to
+disk): the record a resume reads, written in time proportional to a row, whatever the run's
+length; a line torn by a kill is dropped at the next start. ``metrics.json`` and
+``metrics.csv`` are whole-file views of it that grow with the run (at 10,000 rounds a rewrite
+takes about 0.4 s, longer than a GPU round), so they are rewritten only once the run has
+grown by ``VIEW_GROWTH`` since their last rewrite (every round for the first 100, then every
+1 % of the rounds so far) and always at its end: their total cost stays linear in the run.
 ``checkpoint-interval`` = N also keeps ``checkpoints/round-<N k>.pt``, the last
 ``checkpoint-keep`` of them. TensorBoard event files are written next to ``metrics.csv`` when
 ``tensorboard`` is installed (``pip install fedtan[tensorboard]``).
@@ -64,12 +72,14 @@ COLUMNS = (
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+METRICS_LOG = "metrics.jsonl"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
+VIEW_GROWTH = 0.01  # metrics.json/csv are rewritten once the run has grown by this share
 CHECKPOINT_DIR = "checkpoints"
 EVENTS_GLOB = "events.out.tfevents.*"
 PARTIAL = ".partial"  # suffix of a file being written; removed at the next start
-RESULT_FILES = (MODEL_FILE, METRICS_JSON, METRICS_CSV, SUMMARY_FILE)
+RESULT_FILES = (MODEL_FILE, METRICS_LOG, METRICS_JSON, METRICS_CSV, SUMMARY_FILE)
 
 # Run config keys a resumed run may change: none of them changes the model of a round.
 RESUMABLE_CHANGES = frozenset(
@@ -106,7 +116,7 @@ class ResumePoint:
 
     rounds_done: int = 0
     state: dict[str, Tensor] | None = None
-    excluded: set[int] = field(default_factory=set)
+    excluded_partitions: set[int] = field(default_factory=set)
     rows: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -125,8 +135,10 @@ class RunRecorder:
         self.started = time.monotonic()
         self.first_round = self.rounds_completed + 1  # of this process (for the ETA)
         atomic_write(self.dir / CONFIG_FILE, _json(run_description(cfg)))
-        if self.rows:  # a resumed run: the metrics may lack the last round's row
-            self._write_metrics()
+        self.views_rows = 0  # rows in metrics.json/csv
+        if self.rows:  # a resumed run: the log may lack the last round's row, or be torn
+            atomic_write(self.dir / METRICS_LOG, b"".join(_log_line(row) for row in self.rows))
+            self._write_views()
         self._write_summary("running", reason=None)
         self.events = _event_writer(self.dir, purge_step=self.first_round)
 
@@ -135,7 +147,7 @@ class RunRecorder:
         server_round: int,
         result: Result,
         cost: Mapping[str, float],
-        excluded: Iterable[int] = (),
+        excluded_partitions: Iterable[int] = (),
     ) -> None:
         """Round ``server_round`` is complete: its model, then its metrics, then the summary."""
         row: dict[str, float] = {"round": server_round}
@@ -146,14 +158,19 @@ class RunRecorder:
         state = result.arrays.to_torch_state_dict()
         buffer = io.BytesIO()
         torch.save(
-            make_checkpoint(self.cfg, server_round, state, excluded=excluded, row=row), buffer
+            make_checkpoint(
+                self.cfg, server_round, state, excluded_partitions=excluded_partitions, row=row
+            ),
+            buffer,
         )
         atomic_write(self.dir / MODEL_FILE, buffer.getvalue())
         if self.cfg.checkpoint_interval and server_round % self.cfg.checkpoint_interval == 0:
             self._keep_checkpoint(server_round, buffer.getvalue())
         self.rows.append(row)
         self.rounds_completed = server_round
-        self._write_metrics()
+        append_durably(self.dir / METRICS_LOG, _log_line(row))
+        if len(self.rows) - self.views_rows >= VIEW_GROWTH * self.views_rows:
+            self._write_views()
         self._write_summary("running", reason=None)
         if self.events is not None:
             for key, value in row.items():
@@ -164,7 +181,11 @@ class RunRecorder:
 
     def finish(self, status: str, reason: str | None = None) -> None:
         """How the run ended: "completed", "stopped" or "failed", and why."""
-        self._write_summary(status, reason)
+        try:
+            if self.views_rows != len(self.rows):
+                self._write_views()
+        finally:  # how the run ended is told even when the views cannot be written
+            self._write_summary(status, reason)
         if self.events is not None:
             self.events.close()
             self.events = None
@@ -180,7 +201,8 @@ class RunRecorder:
         }
         atomic_write(self.dir / SUMMARY_FILE, _json(summary))
 
-    def _write_metrics(self) -> None:
+    def _write_views(self) -> None:
+        """metrics.json and metrics.csv: every row so far."""
         atomic_write(self.dir / METRICS_JSON, _json(self.rows))
         fields = list(dict.fromkeys([*COLUMNS, *(key for row in self.rows for key in row)]))
         text = io.StringIO(newline="")
@@ -188,6 +210,7 @@ class RunRecorder:
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write(self.dir / METRICS_CSV, text.getvalue().encode())
+        self.views_rows = len(self.rows)
 
     def _keep_checkpoint(self, server_round: int, data: bytes) -> None:
         folder = self.dir / CHECKPOINT_DIR
@@ -287,16 +310,13 @@ def _resume_point(folder: Path) -> ResumePoint:
         return ResumePoint()
     checkpoint = read_checkpoint(folder)
     done = int(checkpoint["round"])
-    try:
-        rows = json.loads((folder / METRICS_JSON).read_text())
-    except FileNotFoundError:
-        rows = []
+    rows = read_metrics_log(folder / METRICS_LOG)
     # The model is written before the metrics: they may lack its round's row, never more.
     rows = [row for row in rows if row["round"] < done]
     if checkpoint["metrics"]:
         rows.append(checkpoint["metrics"])
     log(INFO, "Resuming the run in %s after round %d", folder, done)
-    return ResumePoint(done, checkpoint["state_dict"], set(checkpoint["excluded_nodes"]), rows)
+    return ResumePoint(done, checkpoint["state_dict"], set(checkpoint["excluded_partitions"]), rows)
 
 
 def _saved_config(folder: Path) -> dict[str, Any] | None:
@@ -330,6 +350,34 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(partial, path)
     _fsync_folder(path.parent)  # the rename itself must reach the disk
+
+
+def append_durably(path: Path, line: bytes) -> None:
+    """Append ``line`` to ``path`` and flush it to disk; a crash may tear only this line."""
+    with open(path, "ab") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics log, without a last line that a kill tore (or none: no log)."""
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if any(lines[number:]):  # only the last line may be torn
+                raise ValueError(f"{path}: line {number} is not a JSON row") from None
+    return rows
+
+
+def _log_line(row: Mapping[str, Any]) -> bytes:
+    return json.dumps(_finite_or_none(dict(row))).encode() + b"\n"
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -31,6 +31,8 @@ from common.protocol import (
     METRICS_RECORD,
     MODEL_RECORD,
     NUM_EXAMPLES,
+    PARTITION_ID,
+    QUERY_PARTITION,
     SERVER_ROUND,
     TEST_ACCURACY,
     TEST_LOSS,
@@ -99,7 +101,13 @@ class RoundStrategy(Strategy):
         self.evaluate_on_clients = evaluate_on_clients
         self.eval_interval = eval_interval
         self.min_nodes_timeout = min_nodes_timeout  # None: the exchange timeout
-        self.excluded: set[int] = set()  # nodes that failed a round of this run; not sampled again
+        # Clients are known by their data partition (asked once per node, QUERY_PARTITION):
+        # Flower's node ids change with every simulation and SuperLink, the partitions do not,
+        # so sampling, the order in which clients are combined (float sums depend on it) and
+        # the exclusion of failed clients are the same in every run and after a resume.
+        self.partitions: dict[int, int] = {}  # node id -> its partition
+        self.excluded: set[int] = set()  # nodes that failed a round of this run
+        self.excluded_partitions: set[int] = set()  # ... their partitions: never sampled again
         self.resumed: tuple[int, frozenset[int]] = (0, frozenset())  # see resume_from
         self.stop_reason: str | None = None  # why the last start() ended before its last round
 
@@ -129,8 +137,9 @@ class RoundStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord, MetricRecord]:
-        """Sample-weighted average of the clients' whole model states, dtypes preserved."""
-        replies = list(replies)
+        """Sample-weighted average of the clients' whole model states, dtypes preserved, added
+        in the clients' partition order (the same sums in every run)."""
+        replies = sorted(replies, key=lambda reply: self.order_key(reply.metadata.src_node_id))
         weights, states, losses = [], [], []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -174,7 +183,7 @@ class RoundStrategy(Strategy):
         entries with its own ones on the test data; otherwise nothing to send."""
         if not self.evaluate_on_clients:
             return []
-        nodes = sorted(set(grid.get_node_ids()) - self.excluded)
+        nodes = [n for n in self.in_partition_order(grid.get_node_ids()) if self.may_take_part(n)]
         config = ConfigRecord({**config, SERVER_ROUND: server_round})
         content = RecordDict({CONFIG_RECORD: config, MODEL_RECORD: self.shared(arrays)})
         return [
@@ -191,6 +200,7 @@ class RoundStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """The clients' mean test loss and accuracy, and the accuracy's spread."""
+        replies = sorted(replies, key=lambda reply: self.order_key(reply.metadata.src_node_id))
         results = [r.content.metric_records[METRICS_RECORD] for r in replies]
         if not results:
             return None
@@ -223,9 +233,10 @@ class RoundStrategy(Strategy):
         """
         log(INFO, "Starting %s for %d rounds:", self.name, num_rounds)
         self.summary()
-        # A new run: every node may take part again; a resumed one continues as it was.
-        rounds_done, excluded = self.resumed
-        self.excluded, self.stop_reason = set(excluded), None
+        # A resumed run leaves out the partitions it had left out before the restart.
+        rounds_done, excluded_partitions = self.resumed
+        self.excluded_partitions |= excluded_partitions
+        self.stop_reason = None
         result = Result(arrays=initial_arrays)
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
@@ -283,12 +294,13 @@ class RoundStrategy(Strategy):
                 self.on_round(server_round, result, cost)
         return result
 
-    def resume_from(self, rounds_done: int, excluded: Iterable[int]) -> None:
+    def resume_from(self, rounds_done: int, excluded_partitions: Iterable[int]) -> None:
         """Make ``start`` continue a run after its round ``rounds_done`` (``initial_arrays``:
-        that round's global model), without the nodes it had excluded. The sampler and the
-        learning rate depend on the round number only, so the run goes on as if never stopped.
+        that round's global model), without the partitions whose clients it had excluded. The
+        sampler and the learning rate depend on the round number and the partitions only, so
+        the run goes on as if never stopped, whatever node ids Flower gives the clients now.
         """
-        self.resumed = (rounds_done, frozenset(excluded))
+        self.resumed = (rounds_done, frozenset(excluded_partitions))
 
     def check_evaluation(self, server_round: int, evaluation: Evaluation) -> None:
         """A round whose model evaluates to a non-finite loss failed: never keep that model."""
@@ -306,15 +318,61 @@ class RoundStrategy(Strategy):
     def sample_nodes(
         self, grid: Grid, server_round: int, attempt: int = 0, *, timeout: float
     ) -> list[int]:
-        """The round's clients: seeded, so a rerun samples the same nodes."""
-        available = sorted(set(self._wait_for_nodes(grid, timeout)) - self.excluded)
+        """The round's clients, in partition order: seeded, so a rerun samples the same
+        partitions whatever their nodes' ids."""
+        connected = self._wait_for_nodes(grid, timeout)
+        self.learn_partitions(grid, connected, timeout=timeout)
+        available = [n for n in self.in_partition_order(connected) if self.may_take_part(n)]
         if not available:
             raise RoundFailure(
                 "no clients left to sample (all failed earlier rounds)", FailureKind.NO_CLIENTS
             )
         wanted = min(self.clients_per_round or len(available), len(available))
         rng = random.Random(f"{self.seed}-{server_round}-{attempt}")
-        return sorted(rng.sample(available, wanted))
+        return self.in_partition_order(rng.sample(available, wanted))
+
+    def learn_partitions(self, grid: Grid, nodes: Iterable[int], *, timeout: float) -> None:
+        """Ask the ``nodes`` not asked yet which partition they train on (one exchange); a
+        node that cannot say is left out of the run, like a node that failed a round."""
+        unknown = [n for n in nodes if n not in self.partitions and n not in self.excluded]
+        while unknown:
+            messages = [
+                Message(
+                    RecordDict(), dst_node_id=n, message_type=QUERY_PARTITION, group_id="partition"
+                )
+                for n in unknown
+            ]
+            try:
+                replies = exchange(grid, messages, timeout=timeout)
+                found = {node: _partition_of(node, reply) for node, reply in replies.items()}
+            except RoundFailure as failure:
+                if not failure.culprits:
+                    raise
+                log(WARNING, "%s: leaving out nodes %s", failure, sorted(failure.culprits))
+                self.excluded |= failure.culprits
+                unknown = [n for n in unknown if n not in failure.culprits]
+                continue  # the others' replies are asked for again
+            for node, partition in found.items():
+                self._add_partition(node, partition)
+            return
+
+    def _add_partition(self, node: int, partition: int) -> None:
+        if partition in self.partitions.values():
+            log(WARNING, "Node %d trains on partition %d, as another node does", node, partition)
+        self.partitions[node] = partition
+
+    def order_key(self, node: int) -> tuple[float, int]:
+        """Where ``node`` goes in the canonical order: by partition, then (unknown) node id."""
+        return (self.partitions.get(node, math.inf), node)
+
+    def in_partition_order(self, nodes: Iterable[int]) -> list[int]:
+        return sorted(nodes, key=self.order_key)
+
+    def may_take_part(self, node: int) -> bool:
+        """Neither the node nor its partition failed a round of this run."""
+        return (
+            node not in self.excluded and self.partitions.get(node) not in self.excluded_partitions
+        )
 
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         """The train config of ``server_round``: its number and learning rate."""
@@ -421,6 +479,9 @@ class RoundStrategy(Strategy):
                 if failure.culprits:
                     log(WARNING, "Retrying without nodes %s", sorted(failure.culprits))
                     self.excluded |= failure.culprits
+                    self.excluded_partitions |= {
+                        self.partitions[n] for n in failure.culprits if n in self.partitions
+                    }
         return None
 
     def _collect_evaluation(
@@ -507,6 +568,15 @@ class FedTAN(RoundStrategy):
 
     def open_sync(self, grid: Grid, plan: RoundPlan) -> RoundSync:
         return self.transport.open_round(grid, plan)
+
+
+def _partition_of(node: int, reply: Message) -> int:
+    try:
+        return int(reply.content.metric_records[METRICS_RECORD][PARTITION_ID])
+    except (KeyError, TypeError, ValueError) as error:
+        raise RoundFailure(
+            f"node {node}: malformed partition reply ({error!r})", FailureKind.BAD_REPLY, {node}
+        ) from None
 
 
 def _check_reply_models(replies: Mapping[int, Message], expected: frozenset[str]) -> None:

@@ -223,8 +223,7 @@ def test_evaluate_prints_the_test_loss_and_accuracy_of_a_run_folder(tmp_path):
 
     assert done.returncode == 0, done.stderr
     assert done.stdout[-1] == (
-        f"{out}: test loss {final['test-loss']:.4f}, "
-        f"test accuracy {final['test-accuracy']:.4f}"
+        f"{out}: test loss {final['test-loss']:.4f}, test accuracy {final['test-accuracy']:.4f}"
     )
 
 
@@ -335,7 +334,6 @@ def test_a_federation_with_too_few_supernodes_fails_after_the_wait_with_a_hint(t
     assert "only 2 of 3 clients (SuperNodes) connected within 5 s" in shown
     assert "start 1 more SuperNode(s)" in shown and "min-nodes-timeout" in shown
     assert_nothing_left(done)
-
 
 
 class FewNodesGrid:

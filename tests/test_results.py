@@ -268,6 +268,55 @@ def test_without_tensorboard_no_event_files_are_written(tmp_path, monkeypatch):
 # --- durable writes ---------------------------------------------------------------------------
 
 
+def test_every_round_is_appended_to_the_log_and_the_views_are_rewritten_ever_less_often(
+    tmp_path, monkeypatch
+):
+    """A 10,000-round run must not rewrite files that grow with it every round: the log takes
+    one line per round, metrics.json/csv are rewritten every round for the first 100 rounds,
+    then once the run has grown by 1 %; at the end they hold every row."""
+    out = tmp_path / "out"
+    rounds = 400
+    cfg = RunConfig.from_flower({**BASE, "output-dir": str(out), "num-rounds": rounds})
+    recorder = RunRecorder(cfg)
+    real_write, rewrites = results.atomic_write, []
+
+    def counting_write(path, data):
+        rewrites.append(Path(path).name)
+        real_write(path, data)
+
+    monkeypatch.setattr(results, "atomic_write", counting_write)
+    state = ArrayRecord({"weight": torch.zeros(3)})
+    for server_round in range(1, rounds + 1):
+        result = Result(arrays=state)
+        result.train_metrics_clientapp[server_round] = MetricRecord({"train-loss": 1.0})
+        recorder.record(server_round, result, {"seconds": 0.0})
+        logged = results.read_metrics_log(out / "metrics.jsonl")
+        assert [row["round"] for row in logged] == list(range(1, server_round + 1))
+    recorder.finish("completed")
+
+    views = rewrites.count("metrics.json")
+    assert rewrites.count("model.pt") == rounds  # the model: every round
+    assert views == rewrites.count("metrics.csv")
+    # 100 rewrites, then one per 1 % of growth: log(4) / log(1.01) = 140 more, and the end.
+    assert 100 < views <= 100 + math.ceil(math.log(rounds / 100) / math.log(1.01)) + 1
+    assert_consistent(out, settled=True)
+
+
+def test_a_torn_last_line_of_the_log_is_dropped_at_the_next_start(tmp_path):
+    out = tmp_path / "out"
+    run(out, **{"num-rounds": 2})
+    log = out / "metrics.jsonl"
+    # As if killed while appending round 2's row: the model of round 2 is saved already.
+    whole = log.read_bytes()
+    log.write_bytes(whole[: whole.index(b"\n") + 1] + b'{"round": 2, "train-lo')
+    result, _ = run(out, resume=True, **{"num-rounds": 3})
+    assert summary(out)["status"] == "completed"
+    assert_consistent(out, settled=True)
+    logged = results.read_metrics_log(log)
+    assert logged[:2] == [json.loads(line) for line in whole.splitlines()]  # round 2 restored
+    assert [row["round"] for row in logged] == [1, 2, 3]
+
+
 def test_a_write_interrupted_before_its_rename_leaves_the_old_files_and_is_cleaned(
     tmp_path, monkeypatch
 ):
@@ -301,23 +350,26 @@ def test_a_write_interrupted_before_its_rename_leaves_the_old_files_and_is_clean
 
 
 def assert_consistent(out: Path, *, settled: bool = False) -> None:
-    """Every file whole and of this run; written in the order model, metrics.json,
-    metrics.csv, summary, each may lag the one before by a round, unless ``settled`` (a new
-    start has rewritten them)."""
+    """Every file whole and of this run; written in the order model, metrics log (whose last
+    line alone may be torn), summary, each may lag the one before by a round; metrics.json and
+    metrics.csv hold a prefix of the log's rows, and all of them once ``settled`` (a new start
+    has rewritten them)."""
     config = json.loads((out / "config.json").read_text())
-    rows = json.loads((out / "metrics.json").read_text())
+    logged = [row["round"] for row in results.read_metrics_log(out / "metrics.jsonl")]
+    view = [row["round"] for row in json.loads((out / "metrics.json").read_text())]
     with open(out / "metrics.csv", newline="") as f:
         csv_rounds = [int(row["round"]) for row in csv.DictReader(f)]
     ended = json.loads((out / "summary.json").read_text())
     checkpoint = read_checkpoint(out)
-    metric_rounds = [row["round"] for row in rows]
-    assert metric_rounds == list(range(1, len(rows) + 1))
-    assert csv_rounds in (metric_rounds, metric_rounds[:-1])
+    assert logged == list(range(1, len(logged) + 1))
+    assert view == logged[: len(view)]
+    assert csv_rounds in (view, view[:-1])
     assert checkpoint["run_config"] == config
-    assert len(rows) in (checkpoint["round"], checkpoint["round"] - 1)
+    assert len(logged) in (checkpoint["round"], checkpoint["round"] - 1)
     assert ended["rounds_completed"] in (checkpoint["round"], checkpoint["round"] - 1)
     if settled:
-        assert csv_rounds == metric_rounds == list(range(1, checkpoint["round"] + 1))
+        assert csv_rounds == view == logged == list(range(1, checkpoint["round"] + 1))
+        assert (out / "metrics.jsonl").read_bytes().endswith(b"\n")
 
 
 KILLS = 4

@@ -36,6 +36,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a folder")
     from server.checkpoint import evaluate_run  # torch and the data: only when needed
+
     try:
         metrics = evaluate_run(run_dir)
     except (OSError, ValueError, KeyError) as error:

@@ -277,4 +277,3 @@ def plot(rows: dict[str, list[dict]], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=110)
         plt.close(fig)
-

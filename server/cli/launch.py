@@ -72,9 +72,7 @@ def signals_interrupt() -> Iterator[None]:
 @contextmanager
 def signals_ignored() -> Iterator[None]:
     """Let a cleanup finish: a second Ctrl-C must not leave half the processes running."""
-    previous = {
-        sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

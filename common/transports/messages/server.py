@@ -84,7 +84,8 @@ def _exchange_layer(
     ]
     replies = exchange(grid, messages, timeout=plan.timeout, traffic=plan.traffic)
     parts = {}
-    for node, reply in replies.items():
+    for node in plan.nodes:  # the plan's order, not the replies' arrival: reproducible sums
+        reply = replies[node]
         try:
             parts[node] = parse_local_stats(
                 reply.content,
