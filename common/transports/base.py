@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from common.protocol import QUERY_BN_SYNC_PREFLIGHT
+
 if TYPE_CHECKING:
     from common.transports.exchange import Traffic
 
@@ -105,6 +107,20 @@ class Transport(ABC):
     def close(self) -> None:
         """Release what the transport holds (a service, its port)."""
         return None
+
+
+def preflight_plan(nodes: Sequence[int], timeout: float) -> RoundPlan:
+    """The plan of a transport's ``check``: round 0, one preflight query per node, no model."""
+    return RoundPlan(
+        server_round=0,
+        attempt=0,
+        nodes=nodes,
+        arrays=ArrayRecord(),
+        config=ConfigRecord(),
+        message_type=QUERY_BN_SYNC_PREFLIGHT,
+        group_id="fedtan-bn-sync-preflight",
+        timeout=timeout,
+    )
 
 
 class DirectRound(RoundSync):

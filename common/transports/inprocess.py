@@ -16,17 +16,24 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Sequence
-from types import TracebackType
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.fedtan.bn_channel import BNChannel, BNSyncError, GradSums, Moments
 from common.fedtan.inprocess import InProcessHub
-from common.protocol import BN_SYNC_HUB, CONFIG_RECORD, MODEL_RECORD, QUERY_BN_SYNC_PREFLIGHT
-from common.transports.base import FailureKind, RoundFailure, RoundPlan, RoundSync, Transport
+from common.protocol import BN_SYNC_HUB, CONFIG_RECORD, MODEL_RECORD
+from common.transports.base import (
+    FailureKind,
+    RoundFailure,
+    RoundPlan,
+    RoundSync,
+    Transport,
+    preflight_plan,
+)
 from common.transports.exchange import exchange
 
 
@@ -62,17 +69,7 @@ class InProcessTransport(Transport):
     def check(self, grid: Grid, nodes: Sequence[int], timeout: float) -> None:
         """Before round 1: ``nodes`` meet at a hub once, which only clients of this process can
         (and only if they all run at once)."""
-        plan = RoundPlan(
-            server_round=0,
-            attempt=0,
-            nodes=nodes,
-            arrays=ArrayRecord(),
-            config=ConfigRecord(),
-            message_type=QUERY_BN_SYNC_PREFLIGHT,
-            group_id="fedtan-bn-sync-preflight",
-            timeout=timeout,
-        )
-        sync = InProcessRound(plan)
+        sync = InProcessRound(preflight_plan(nodes, timeout))
         try:
             exchange(grid, sync.train_messages(), timeout=timeout)
             sync.finish()
@@ -158,25 +155,23 @@ class InProcessBNChannel(BNChannel):
     def __enter__(self) -> InProcessBNChannel:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, _type: object, exc: BaseException | None, _traceback: object) -> None:
         if exc is not None and self.node_id not in self.open_hub.echoed:
             self.open_hub.fail(self.node_id, exc)
 
     def reduce_moments(self, layer: str, local: Moments) -> Moments:
-        try:
+        with self._hub_errors_are_echoes():
             return self.channel.reduce_moments(layer, local)
-        except BNSyncError:
-            self.open_hub.echoed.add(self.node_id)
-            raise
 
     def reduce_grad_sums(self, layer: str, local: GradSums) -> GradSums:
-        try:
+        with self._hub_errors_are_echoes():
             return self.channel.reduce_grad_sums(layer, local)
+
+    @contextmanager
+    def _hub_errors_are_echoes(self) -> Iterator[None]:
+        """An error out of the hub echoes another client's failure, or a timeout: not ours."""
+        try:
+            yield
         except BNSyncError:
             self.open_hub.echoed.add(self.node_id)
             raise

@@ -25,7 +25,7 @@ from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from torch import Tensor, nn
@@ -41,10 +41,16 @@ from common.protocol import (
     BN_SYNC_TIMEOUT,
     CONFIG_RECORD,
     MODEL_RECORD,
-    QUERY_BN_SYNC_PREFLIGHT,
     TrainSettings,
 )
-from common.transports.base import FailureKind, RoundFailure, RoundPlan, RoundSync, Transport
+from common.transports.base import (
+    FailureKind,
+    RoundFailure,
+    RoundPlan,
+    RoundSync,
+    Transport,
+    preflight_plan,
+)
 from common.transports.exchange import exchange
 from common.transports.grpc.service import (
     AbortKind,
@@ -117,16 +123,7 @@ class GrpcTransport(Transport):
         Catches at start what would otherwise fail every round: clients that cannot run at the
         same time (too few Ray actors), an address they cannot reach, a certificate they reject.
         """
-        plan = RoundPlan(
-            server_round=PREFLIGHT_ROUND,
-            attempt=0,
-            nodes=nodes,
-            arrays=ArrayRecord(),
-            config=ConfigRecord(),
-            message_type=QUERY_BN_SYNC_PREFLIGHT,
-            group_id="fedtan-bn-sync-preflight",
-            timeout=timeout,
-        )
+        plan = preflight_plan(nodes, timeout)
         sync = GrpcRound(self, PREFLIGHT_ROUND, plan, PREFLIGHT)
         try:
             exchange(grid, sync.train_messages(), timeout=timeout)
