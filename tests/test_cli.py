@@ -266,6 +266,16 @@ def test_a_run_completes_owns_its_folder_and_a_failed_run_exits_non_zero(tmp_pat
     assert "--overwrite" in again.stderr
     assert (out / "model.pt").stat().st_mtime_ns == model.st_mtime_ns
 
+    # --resume continues the run in its folder, here extended to a third round.
+    resumed = fedtan("run", "--resume", out, "--set", "num-rounds=3", cwd=tmp_path)
+
+    assert resumed.returncode == 0, "\n".join(resumed.stdout) + resumed.stderr
+    rounds = [line for line in resumed.stdout if line.startswith("round ")]
+    assert [line.split()[1] for line in rounds] == ["3/3"], resumed.stdout
+    assert [row["round"] for row in json.loads((out / "metrics.json").read_text())] == [1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert_nothing_left(resumed)
+
     # CIFAR-10 is not on this machine and cannot be downloaded: the ServerApp fails at start.
     failed = fedtan(
         "run",
