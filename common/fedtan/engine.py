@@ -248,8 +248,9 @@ def _batched_round(
             stacklevel=3,
         )
         return None
-    floats = [v for v in state.values() if v.is_floating_point()]
-    if floats and not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
+    floats = [v.reshape(-1) for v in state.values() if v.is_floating_point()]
+    # One check over all entries (one copy), and one read of the device.
+    if floats and not bool(torch.cat(floats).isfinite().all()):
         return None
     return state
 
