@@ -60,16 +60,17 @@ def _union_batch_norm(
     # cost per call): the physical tensors of all clients, computed on with plain torch
     # operations that autograd records, and the result handed back to vmap per client.
     level = torch._C._functorch.maybe_current_level()
-    stack = _all_clients(x, level, num_clients)  # (K, B, C, *spatial)
-    # vmap's convolutions leave the samples outside the clients in memory ((B, K, C, ...)):
-    # the union batch is then a view in that order, not a copy.
-    samples_first = stack.transpose(0, 1)
-    union = samples_first if samples_first.is_contiguous() else stack
+    samples_first = _samples_first(x, level, num_clients)  # (B, K, C, *spatial)
+    samples, channels, spatial = (
+        samples_first.shape[0],
+        samples_first.shape[2],
+        samples_first.shape[3:],
+    )
     running_mean = running_var = None
     if track:
         # Every client holds the same running statistics in the synchronized step (all start
-        # from the global model and add the same union statistics): update one copy, then give
-        # it to all.
+        # from the global model and add the same union statistics): update one copy (not the
+        # clients' own: autograd saves it), then give it to all.
         running_mean, running_var = (
             _all_clients(t, level, num_clients)[0].clone()
             for t in (layer.running_mean, layer.running_var)
@@ -77,13 +78,13 @@ def _union_batch_norm(
     # torch's own kernel over the union batch: its statistics (and its running-statistics
     # update, unbiased over the union) are the centralized BN's.
     xhat = F.batch_norm(
-        union.flatten(0, 1),
+        samples_first.view(samples * num_clients, channels, *spatial),
         running_mean,
         running_var,
         training=True,
         momentum=layer.momentum,  # not None: batching_obstacle
         eps=layer.eps,
-    ).view(union.shape)
+    )
     if track:
         with torch.no_grad():
             for stats, new in (
@@ -92,28 +93,33 @@ def _union_batch_norm(
             ):
                 stacked = _all_clients(stats, level, num_clients)
                 stacked.copy_(new.expand_as(stacked))
-    if union is not samples_first:
-        xhat = xhat.transpose(0, 1)
-    if layer.weight is None:
-        return torch._C._functorch._add_batch_dim(xhat, 1, level)
-    # Each client's own affine parameters, in one fused pass (forward and backward): BN in its
-    # eval form over the K * C client-channels, with mean 0 and variance 1 (eps 0), is
-    # x * weight + bias, and its backward gives each client's own sums.
-    samples, channels = xhat.shape[0], xhat.shape[2]
-    per_client = xhat.reshape(samples, num_clients * channels, *xhat.shape[3:])
-    weight, bias = (
-        _all_clients(t, level, num_clients).reshape(-1) for t in (layer.weight, layer.bias)
-    )
-    out = F.batch_norm(
-        per_client,
-        per_client.new_zeros(num_clients * channels),
-        per_client.new_ones(num_clients * channels),
-        weight,
-        bias,
-        training=False,
-        eps=0.0,
-    )
-    return torch._C._functorch._add_batch_dim(out.view(xhat.shape), 1, level)
+    # The same memory seen as K * C client-channels: (B, K * C, *spatial).
+    per_client = xhat.view(samples, num_clients * channels, *spatial)
+    if layer.weight is not None:
+        # Each client's own affine parameters, in one fused pass (forward and backward): BN in
+        # its eval form over the client-channels, with mean 0 and variance 1 (eps 0), is
+        # x * weight + bias, and its backward gives each client's own sums.
+        per_client = F.batch_norm(
+            per_client,
+            per_client.new_zeros(num_clients * channels),
+            per_client.new_ones(num_clients * channels),
+            _all_clients(layer.weight, level, num_clients).view(-1),
+            _all_clients(layer.bias, level, num_clients).view(-1),
+            training=False,
+            eps=0.0,
+        )
+    out = per_client.view(samples, num_clients, channels, *spatial)
+    return torch._C._functorch._add_batch_dim(out, 1, level)
+
+
+def _samples_first(x: Tensor, level: int, num_clients: int) -> Tensor:
+    """The physical tensor behind per-client ``x`` under vmap, as a contiguous
+    ``(B, K, C, *spatial)`` tensor: a view of what vmap's convolutions leave (the samples
+    outside the clients in memory), a copy otherwise."""
+    physical, dim = torch._C._functorch._unwrap_batched(x, level)
+    if dim is None:  # the same input for every client
+        return physical.unsqueeze(1).expand(-1, num_clients, *physical.shape[1:]).contiguous()
+    return (physical if dim == 1 else physical.movedim(dim, 1)).contiguous()
 
 
 def _all_clients(t: Tensor, level: int, num_clients: int) -> Tensor:
@@ -122,7 +128,7 @@ def _all_clients(t: Tensor, level: int, num_clients: int) -> Tensor:
     physical, dim = torch._C._functorch._unwrap_batched(t, level)
     if dim is None:  # the same tensor for every client
         return physical.unsqueeze(0).expand(num_clients, *physical.shape)
-    return physical.movedim(dim, 0)
+    return physical if dim == 0 else physical.movedim(dim, 0)
 
 
 class _BatchedBatchNorm:
