@@ -52,47 +52,20 @@ def _union_batch_norm(
 ) -> Tensor:
     """``layer``'s training forward over the union of the K clients' batches: union
     statistics, each client's own affine parameters. ``x`` and the layer's tensors are per
-    client (under vmap); this steps out of vmap to see all clients at once."""
-    track = layer.track_running_stats and layer.running_mean is not None
-    if track:
+    client (under vmap); this steps out of vmap to see all clients at once.
+
+    Out of vmap by hand, with ``torch._C._functorch``'s unwrap and wrap (private, pinned by
+    this project's torch version and its exactness tests): the physical tensors of all clients
+    are what an ``autograd.Function``'s vmap rule would be given, without that rule's Python
+    dispatch per call. Plain torch operations on them are recorded and differentiated by
+    autograd like any others.
+    """
+    if layer.track_running_stats and layer.running_mean is not None:
         layer.num_batches_tracked.add_(1)
-    # Out of vmap by hand, as an autograd.Function's vmap rule would be (without that rule's
-    # cost per call): the physical tensors of all clients, computed on with plain torch
-    # operations that autograd records, and the result handed back to vmap per client.
     level = torch._C._functorch.maybe_current_level()
     samples_first = _samples_first(x, level, num_clients)  # (B, K, C, *spatial)
-    samples, channels, spatial = (
-        samples_first.shape[0],
-        samples_first.shape[2],
-        samples_first.shape[3:],
-    )
-    running_mean = running_var = None
-    if track:
-        # Every client holds the same running statistics in the synchronized step (all start
-        # from the global model and add the same union statistics): update one copy (not the
-        # clients' own: autograd saves it), then give it to all.
-        running_mean, running_var = (
-            _all_clients(t, level, num_clients)[0].clone()
-            for t in (layer.running_mean, layer.running_var)
-        )
-    # torch's own kernel over the union batch: its statistics (and its running-statistics
-    # update, unbiased over the union) are the centralized BN's.
-    xhat = F.batch_norm(
-        samples_first.view(samples * num_clients, channels, *spatial),
-        running_mean,
-        running_var,
-        training=True,
-        momentum=layer.momentum,  # not None: batching_obstacle
-        eps=layer.eps,
-    )
-    if track:
-        with torch.no_grad():
-            for stats, new in (
-                (layer.running_mean, running_mean),
-                (layer.running_var, running_var),
-            ):
-                stacked = _all_clients(stats, level, num_clients)
-                stacked.copy_(new.expand_as(stacked))
+    samples, _, channels, *spatial = samples_first.shape
+    xhat = _normalize_union(layer, samples_first.flatten(0, 1), level, num_clients)
     # The same memory seen as K * C client-channels: (B, K * C, *spatial).
     per_client = xhat.view(samples, num_clients * channels, *spatial)
     if layer.weight is not None:
@@ -110,6 +83,34 @@ def _union_batch_norm(
         )
     out = per_client.view(samples, num_clients, channels, *spatial)
     return torch._C._functorch._add_batch_dim(out, 1, level)
+
+
+def _normalize_union(
+    layer: nn.modules.batchnorm._BatchNorm, union: Tensor, level: int, num_clients: int
+) -> Tensor:
+    """``union`` (the K clients' samples, physical) normalized with its own statistics by
+    torch's kernel, whose statistics and running-statistics update (unbiased over the union)
+    are the centralized BN's; the clients' running statistics updated with them."""
+    track = layer.track_running_stats and layer.running_mean is not None
+    if not track:
+        return F.batch_norm(union, None, None, training=True, eps=layer.eps)
+    stacked = [_all_clients(t, level, num_clients) for t in (layer.running_mean, layer.running_var)]
+    # Every client holds the same running statistics in the synchronized step (all start from
+    # the global model and add the same union statistics): update a copy of client 0's (not its
+    # own: autograd keeps it), then give it to all.
+    mean, var = (clients[0].clone() for clients in stacked)
+    xhat = F.batch_norm(
+        union,
+        mean,
+        var,
+        training=True,
+        momentum=layer.momentum,  # not None: batching_obstacle
+        eps=layer.eps,
+    )
+    with torch.no_grad():
+        for clients, new in zip(stacked, (mean, var), strict=True):
+            clients.copy_(new.expand_as(clients))
+    return xhat
 
 
 def _samples_first(x: Tensor, level: int, num_clients: int) -> Tensor:
