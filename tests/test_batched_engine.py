@@ -213,6 +213,19 @@ def test_one_engine_runs_rounds_of_different_numbers_of_clients():
         model.load_state_dict(got)
 
 
+def test_a_tensor_of_the_model_replaced_between_rounds_is_the_one_trained():
+    model = make_model("small_cnn", torch.float64)
+    engine = BatchedClients(model)
+    batches = make_batches("small_cnn", (3, 3), torch.float64, steps=2)
+    engine.round(batches, nn.CrossEntropyLoss(), **SGD)
+    layer = next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    layer.weight = nn.Parameter(torch.rand_like(layer.weight) + 0.5)
+    layer.running_var = torch.rand_like(layer.running_var) + 0.5
+    got = engine.round(batches, nn.CrossEntropyLoss(), **SGD)
+    expected = threaded_round(model, batches, **SGD)
+    assert relative_error(got, expected, model.state_dict()) <= F64_REL_TOL
+
+
 def test_float32_round_is_within_float32_noise_of_centralized_sgd():
     model = make_model("resnet20", torch.float32)
     batches = make_batches("resnet20", (3, 3, 3, 3, 3), torch.float32)

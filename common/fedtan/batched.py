@@ -220,24 +220,28 @@ class _ClientStacks:
 
     def __init__(self, model: nn.Module, num_clients: int) -> None:
         self.num_clients = num_clients
-        self._sources = _named_tensors(model)
+        sources = _named_tensors(model)
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         self.tensors = {
             name: torch.empty(num_clients, *t.shape, dtype=t.dtype, device=t.device)
-            for name, t in self._sources.items()
+            for name, t in sources.items()
         }
-        self.trained = [self.tensors[n].requires_grad_() for n in self._sources if n in trained]
+        self.trained = [self.tensors[n].requires_grad_() for n in sources if n in trained]
+        # Per group (dtype, device): its tensors' names, shapes, and each client's row of them.
         self._groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
-        for name, t in self._sources.items():
+        for name, t in sources.items():
             self._groups.setdefault((t.dtype, t.device), []).append(name)
+        self._shapes = {name: t.shape for name, t in sources.items()}
+        self._rows = [
+            [self.tensors[n].view(num_clients, -1) for n in names]
+            for names in self._groups.values()
+        ]
 
     @torch.no_grad()
-    def load(self) -> None:
-        """Every client's tensors := the model's current ones."""
+    def load(self, sources: dict[str, Tensor]) -> None:
+        """Every client's tensors := ``sources`` (the model's current ones, by name)."""
         stacks = list(self.tensors.values())
-        torch._foreach_copy_(
-            stacks, [t.expand_as(s) for t, s in zip(self._sources.values(), stacks, strict=True)]
-        )
+        torch._foreach_copy_(stacks, [sources[n].expand_as(s) for n, s in self.tensors.items()])
         for t in self.trained:
             t.grad = None
 
@@ -246,13 +250,12 @@ class _ClientStacks:
         """The weighted average of the clients, as a ``state_dict`` (``keys``: each key's
         tensor name); its entries are views into one new buffer per group."""
         means: dict[str, Tensor] = {}
-        for names in self._groups.values():
+        for names, rows in zip(self._groups.values(), self._rows, strict=True):
             # Row k: client k's tensors of the group, one after the other (one copy).
-            rows = torch.cat([self.tensors[n].view(self.num_clients, -1) for n in names], dim=1)
-            mean = weighted_row_mean(rows.unbind(0), weights)
-            sizes = [self._sources[n].numel() for n in names]
+            mean = weighted_row_mean(torch.cat(rows, dim=1).unbind(0), weights)
+            sizes = [self._shapes[n].numel() for n in names]
             for name, chunk in zip(names, mean.split(sizes), strict=True):
-                means[name] = chunk.view(self._sources[name].shape)
+                means[name] = chunk.view(self._shapes[name])
         return {key: means[name] for key, name in keys.items()}
 
 
@@ -270,7 +273,7 @@ class BatchedClients:
         for layer in _batchnorm_layers(self._network):
             layer.__class__ = _batched_class(type(layer))
         self._union_layers: list[_BatchedBatchNorm] = _batchnorm_layers(self._network)  # type: ignore[assignment]
-        self._layout = _layout(self.model)
+        self._layout = _layout(_named_tensors(self.model))
         self._keys = _state_names(self.model)
         self._aliases = _aliases(self.model)
         self._stacks: _ClientStacks | None = None
@@ -286,14 +289,16 @@ class BatchedClients:
     ) -> dict[str, Tensor]:
         """One FedTAN round, the clients batched; returns the new global ``state_dict``.
         ``batching_obstacle(model, client_batches)`` must be None."""
-        if _layout(self.model) != self._layout:
-            # The model's tensors changed (another device, dtype or shape): start again.
+        # The model's tensors now: they may have been replaced since the last round.
+        sources = _named_tensors(self.model)
+        if _layout(sources) != self._layout:
+            # Another device, dtype or shape: start again.
             self._build()
         num_clients = len(client_batches)
         if self._stacks is None or self._stacks.num_clients != num_clients:
             self._stacks = _ClientStacks(self.model, num_clients)
         stacks = self._stacks
-        stacks.load()  # every client starts from the global model
+        stacks.load(sources)  # every client starts from the global model
         # SGD is elementwise: one step over the stacks is K clients' steps. A fresh optimizer
         # per round, as every client makes; foreach: a few fused operations per step.
         optimizer = torch.optim.SGD(
@@ -357,11 +362,8 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     }
 
 
-def _layout(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype, torch.device]]:
-    return [
-        (n, t.shape, t.dtype, t.device)
-        for n, t in [*model.named_parameters(), *model.named_buffers()]
-    ]
+def _layout(tensors: dict[str, Tensor]) -> list[tuple[str, torch.Size, torch.dtype, torch.device]]:
+    return [(n, t.shape, t.dtype, t.device) for n, t in tensors.items()]
 
 
 __all__ = ["BatchedClients", "batching_obstacle", "batching_pays_off"]
