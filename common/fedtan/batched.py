@@ -189,10 +189,10 @@ def batching_obstacle(model: nn.Module, client_batches: Sequence[Sequence[Batch]
 
 
 # On the CPU, vmap's grouped convolutions cost more than K separate ones once a client's batch
-# is large: bench_round.py (ResNet-20, 5 clients, one thread, CPU seconds per round against a
-# centralized step) measured batched 2.0x / threads 2.5x at 8 samples per client, and batched
-# 1.9x / threads 1.4x at 32 (1.6x / 0.76x at 128): the crossover lies between 8 and 32, and
-# this splits it.
+# is large: bench_round.py (ResNet-20, 5 clients, one torch thread, wall time per round against
+# a centralized step, 2026-12-02) measured batched 1.48x / threads 1.69x at 8 samples per
+# client, and batched 1.53x / threads 1.02x at 32 (1.42x / 0.90x at 128): the crossover lies
+# between 8 and 32, and this splits it.
 CPU_BATCHED_MAX_SAMPLES = 16
 
 
