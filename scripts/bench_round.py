@@ -150,6 +150,14 @@ def _proc_status_mib(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _load_average() -> str:
+    """The machine's 1-minute load average: how shared it was while the rows were measured."""
+    try:
+        return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    except OSError:  # not available on this platform
+        return "load average unknown"
+
+
 def bench_regime(args: argparse.Namespace, batch: int, device: torch.device) -> None:
     torch.manual_seed(args.seed)
     model = build_model(args.model, in_channels=3, num_classes=NUM_CLASSES).to(device)
@@ -184,7 +192,8 @@ def bench_regime(args: argparse.Namespace, batch: int, device: torch.device) -> 
 
     print(
         f"\nmodel={args.model} clients={args.clients} batch={batch} "
-        f"union={args.clients * batch} float32 E=1 repeats={args.repeats} device={device}"
+        f"union={args.clients * batch} float32 E=1 repeats={args.repeats} device={device} "
+        f"{_load_average()}"
     )
     clock = Clock(device)
     for fn in runs.values():  # one warm-up each (it also makes the replicas)
@@ -204,6 +213,7 @@ def bench_regime(args: argparse.Namespace, batch: int, device: torch.device) -> 
             f"{name:>18}: median {wall[name]:.4f} s wall, {cpu[name]:.4f} s CPU, "
             f"peak +{peak:.0f} MiB {memory}   (wall runs: {runs_s})"
         )
+    print(f"{'':>18}  after the runs: {_load_average()}")
     target = TARGETS.get(batch)
     for engine in ("fedtan_round", "fedtan_batched"):
         ratio = wall[engine] / wall["centralized_step"]

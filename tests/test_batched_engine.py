@@ -67,8 +67,28 @@ class ReadsAValue(nn.Module):
         return self.net(x * scale)
 
 
+class TiedWeights(nn.Module):
+    """Two convolutions that share one weight: one tensor under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2.weight = self.conv1.weight
+        self.head = nn.Linear(3, NUM_CLASSES)
+
+    def forward(self, x):
+        x = self.conv2(torch.relu(self.bn(self.conv1(x))))
+        return self.head(x.mean((2, 3)))
+
+
 # Models batched here, with the models of test_fedtan.py (and its input shapes).
-EXTRA_MODELS = {"bn3d": (bn3d, (2, 4, 4, 4)), "reads-a-value": (ReadsAValue, (3, 8, 8))}
+EXTRA_MODELS = {
+    "bn3d": (bn3d, (2, 4, 4, 4)),
+    "reads-a-value": (ReadsAValue, (3, 8, 8)),
+    "tied-weights": (TiedWeights, (3, 5, 5)),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -168,6 +188,40 @@ def test_special_cases_equal_the_threaded_engine_over_two_local_steps(name, devi
         for client in make_batches(name, (3, 3, 3), torch.float64, steps=2)
     ]
     got = batched_round(model, batches, **SGD)
+    expected = threaded_round(model, batches, **SGD)
+    assert relative_error(got, expected, model.state_dict()) <= F64_REL_TOL
+
+
+def test_a_tied_weight_is_one_tensor_for_each_client():
+    model = make_model("tied-weights", torch.float64)
+    batches = make_batches("tied-weights", (3, 3, 3), torch.float64, steps=2)
+    got = batched_round(model, batches, **SGD)
+    assert torch.equal(got["conv1.weight"], got["conv2.weight"])
+    expected = threaded_round(model, batches, **SGD)
+    assert relative_error(got, expected, model.state_dict()) <= F64_REL_TOL
+
+
+def test_one_engine_runs_rounds_of_different_numbers_of_clients():
+    """The clients' stacked tensors are kept between rounds, and made again when K changes."""
+    model = make_model("small_cnn", torch.float64)
+    engine = BatchedClients(model)
+    for sizes in [(3, 3, 3), (4, 4), (4, 4), (2, 2, 2, 2)]:
+        batches = make_batches("small_cnn", sizes, torch.float64, steps=2, seed=len(sizes))
+        got = engine.round(batches, nn.CrossEntropyLoss(), **SGD)
+        expected = threaded_round(model, batches, **SGD)
+        assert relative_error(got, expected, model.state_dict()) <= F64_REL_TOL
+        model.load_state_dict(got)
+
+
+def test_a_tensor_of_the_model_replaced_between_rounds_is_the_one_trained():
+    model = make_model("small_cnn", torch.float64)
+    engine = BatchedClients(model)
+    batches = make_batches("small_cnn", (3, 3), torch.float64, steps=2)
+    engine.round(batches, nn.CrossEntropyLoss(), **SGD)
+    layer = next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    layer.weight = nn.Parameter(torch.rand_like(layer.weight) + 0.5)
+    layer.running_var = torch.rand_like(layer.running_var) + 0.5
+    got = engine.round(batches, nn.CrossEntropyLoss(), **SGD)
     expected = threaded_round(model, batches, **SGD)
     assert relative_error(got, expected, model.state_dict()) <= F64_REL_TOL
 

@@ -240,16 +240,38 @@ def test_hub_forward_and_backward_at_the_same_layer_are_out_of_step():
         assert isinstance(error, BNSyncError) and "out of step" in str(error)
 
 
-def test_hub_bad_contribution_fails_every_client_naming_the_culprit():
+def test_hub_verify_names_the_first_bad_contribution_after_the_step():
+    """The hub checks the values after the step, not at each exchange: every exchange
+    completes (with the unusable union), then ``verify`` names the client and layer of the
+    first bad contribution (forward or backward), and forgets what it has verified."""
     hub = InProcessHub(3, timeout=10)
     nan = Moments(4, torch.full((3,), float("nan")), torch.ones(3))
+    inf = GradSums(torch.zeros(3), torch.full((3,), float("inf")))
+    ok = GradSums(torch.zeros(3), torch.zeros(3))
 
     def work(rank, channel):
-        return channel.reduce_moments("bn1", nan if rank == 2 else good())
+        return [
+            channel.reduce_moments("bn1", good()),
+            channel.reduce_moments("bn2", nan if rank == 2 else good()),
+            channel.reduce_grad_sums("bn2", inf if rank == 0 else ok),
+        ]
 
-    for error in run_clients(hub, work):
-        assert isinstance(error, BNSyncError)
-        assert "client 2, layer 'bn1'" in str(error) and "non-finite" in str(error)
+    for _, bad_forward, bad_backward in run_clients(hub, work):
+        assert bad_forward.mean.isnan().all() and bad_backward.sum_dy_xhat.isinf().all()
+    with pytest.raises(BNSyncError, match=r"client 2, layer 'bn2'.*non-finite"):
+        hub.verify()
+    hub.verify()  # verified: nothing left
+
+    results = run_clients(hub, lambda rank, ch: ch.reduce_grad_sums("bn1", inf if rank else ok))
+    assert all(isinstance(r, GradSums) for r in results)
+    with pytest.raises(BNSyncError, match=r"client 1, layer 'bn1'.*sum_dy_xhat has non-finite"):
+        hub.verify()
+
+
+def test_hub_verify_passes_good_values():
+    hub = InProcessHub(2, timeout=10)
+    run_clients(hub, lambda rank, ch: ch.reduce_moments("bn1", good()))
+    hub.verify()
 
 
 def test_hub_abort_releases_waiting_clients():

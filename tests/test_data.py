@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import urllib.error
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from common.experiment import task
+from common.experiment.config import RunConfig
 from common.experiment.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,6 +27,7 @@ from common.experiment.data import (
     make_synthetic,
     round_batches,
 )
+from tests.devices import device_params
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +176,47 @@ def test_augmentation_is_random_crop_with_padding_and_flip(cifar_like: TensorDat
 def test_no_augmentation_gives_the_normalized_source_images(digits_train: TensorDataset) -> None:
     ((x, src),) = tag(digits_train, np.arange(64), num_steps=1, batch_size=64)
     assert torch.equal(x, digits_train.normalize(digits_train.images[src]))
+
+
+# --- batches drawn where the client trains --------------------------------------------------
+
+
+@device_params
+def test_a_client_dataset_on_any_device_gives_the_same_batches(cifar_like, device):
+    """A client's own samples (``subset``) on the device that trains: drawn and augmented
+    there, the batches of the whole dataset on the CPU, bit for bit (crop, flip, normalization,
+    a partition in no particular order that the round wraps around)."""
+    indices = np.random.default_rng(0).permutation(len(cifar_like))[:50]
+    draw = batch_kwargs(num_steps=4, batch_size=16)  # 64 samples from 50: wraps around
+    expected = round_batches(cifar_like, indices, **draw)
+    own = cifar_like.subset(indices).to(device)
+    assert own.images.device.type == device and len(own) == 50
+    got = round_batches(own, np.arange(len(own)), **draw)
+    for (x, y), (x_cpu, y_cpu) in zip(got, expected, strict=True):
+        assert x.device.type == device and y.device.type == device
+        assert torch.equal(x.cpu(), x_cpu) and torch.equal(y.cpu(), y_cpu)
+
+
+def test_client_batches_on_a_device_are_todays_and_its_samples_are_kept_there(monkeypatch):
+    defaults = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    cfg = RunConfig.from_flower({**defaults["tool"]["flwr"]["app"]["config"], "dataset": "digits"})
+    cpu = torch.device("cpu")
+    task.client_dataset.cache_clear()
+
+    def batches(server_round: int, device: torch.device | None):
+        return task.client_batches(
+            cfg, 1, 3, server_round, batch_size=8, local_steps=3, device=device
+        )
+
+    first = batches(1, cpu)
+
+    def refuse(*_args):
+        raise AssertionError("the client's samples were gathered again")
+
+    monkeypatch.setattr(TensorDataset, "subset", refuse)
+    for server_round, got in ((1, first), (2, batches(2, cpu))):
+        for (x, y), (x_today, y_today) in zip(got, batches(server_round, None), strict=True):
+            assert torch.equal(x, x_today) and torch.equal(y, y_today)
 
 
 # --- CIFAR-10 (no network: torchvision's dataset class is replaced) ---------------------------

@@ -6,7 +6,8 @@
   the model's dtype changes.
 * The combination of one exchange reads the device once, however many clients (one
   ``aten._local_scalar_dense``, the op behind ``bool(tensor)`` and ``tensor.item()``), and still
-  refuses a bad contribution naming the client.
+  refuses a bad contribution naming the client. The in-process hub, whose clients are trusted
+  threads, defers that read: one per step, however many exchanges.
 * ``train_client`` reads no loss during the round.
 * ``average_states`` is the sample-weighted mean of every entry, computed in float64.
 * ``task.evaluate`` normalizes the test set once per process and device, and reads the device
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import tomllib
 import types
 from pathlib import Path
@@ -39,6 +41,7 @@ from common.fedtan.bn_channel import (
     combine_grad_sums,
     combine_moments,
 )
+from common.fedtan.inprocess import InProcessHub
 
 NUM_CLASSES = 10
 SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
@@ -234,6 +237,32 @@ def test_combining_an_exchange_reads_the_device_once_for_any_number_of_clients()
         with ScalarReads() as reads:
             combine_grad_sums("bn", sums)
         assert reads.count == 1, clients
+
+
+def test_the_in_process_hub_reads_the_device_once_per_step_not_per_exchange():
+    """A step of 2L exchanges by K client threads: no read in any client thread (the
+    combinations run in them), one read when the step is verified."""
+    hub = InProcessHub(3, timeout=10)
+    reads = {}
+
+    def client(rank: int) -> None:
+        channel = hub.channel(rank)
+        with ScalarReads() as counted:
+            for layer in ("bn1", "bn2", "bn3"):
+                channel.reduce_moments(layer, Moments(4, torch.randn(5), torch.rand(5)))
+            for layer in ("bn3", "bn2", "bn1"):
+                channel.reduce_grad_sums(layer, GradSums(torch.randn(5), torch.randn(5)))
+        reads[rank] = counted.count
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert reads == {0: 0, 1: 0, 2: 0}
+    with ScalarReads() as counted:
+        hub.verify()
+    assert counted.count == 1
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,18 @@
 """Datasets and deterministic batching.
 
-Datasets live in memory as one tensor of images and one of labels (``TensorDataset``);
-normalization and augmentation are applied per batch. Batches are a pure function of
-(seed, client_id, round_num): a stateless federated client, rebuilt for every message, must be
-able to recompute exactly the batch it used earlier in the same round (FedTAN's synchronized
-first step, then the local steps).
+Datasets live in memory as one tensor of images and one of labels (``TensorDataset``), on the
+CPU or on the device that trains (``TensorDataset.to``, ``subset``: a client's own samples);
+normalization and augmentation are applied per batch, as tensor operations where the dataset
+is. Batches are a pure function of (seed, client_id, round_num), wherever the dataset is: a
+stateless federated client, rebuilt for every message, must be able to recompute exactly the
+batch it used earlier in the same round (FedTAN's synchronized first step, then the local
+steps). The random draws are made on the CPU, so that they are the same on every device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ class DatasetUnavailableError(RuntimeError):
     """The dataset is not on disk and could not be downloaded."""
 
 
-@dataclass
+@dataclasses.dataclass
 class TensorDataset:
     """An in-memory image dataset.
 
@@ -71,13 +73,27 @@ class TensorDataset:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
     def normalize(self, images: Tensor) -> Tensor:
-        """float32, per-channel normalized copy of raw ``images`` from this dataset."""
+        """float32, per-channel normalized copy of raw ``images`` from this dataset (on their
+        device)."""
         x = images.float()
         if images.dtype == torch.uint8:
             x = x / 255.0
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean, std = (
+            torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(images.device)
+            for v in (self.mean, self.std)
+        )
         return (x - mean) / std
+
+    def subset(self, indices: np.ndarray | Sequence[int]) -> TensorDataset:
+        """The samples at ``indices``, in that order (a copy): a client's own dataset."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64)).to(self.images.device)
+        return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx])
+
+    def to(self, device: torch.device | str) -> TensorDataset:
+        """This dataset with its images and labels on ``device``."""
+        return dataclasses.replace(
+            self, images=self.images.to(device), labels=self.labels.to(device)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,15 +235,17 @@ def _augment(images: Tensor, gen: torch.Generator, padding: int = CIFAR_CROP_PAD
     before ToTensor/Normalize in the reference, so padded pixels are raw zeros.
     """
     n, c, h, w = images.shape
+    device = images.device
     padded = F.pad(images, (padding, padding, padding, padding))
-    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
-    rows = offsets[:, :1] + torch.arange(h)  # (n, h)
-    cols_fwd = torch.arange(w)
+    # Drawn on the CPU (``gen`` is a CPU generator): the same draws for every device.
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=gen).to(device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(device)
+    rows = offsets[:, :1] + torch.arange(h, device=device)  # (n, h)
+    cols_fwd = torch.arange(w, device=device)
     cols = offsets[:, 1:] + torch.where(flip[:, None], cols_fwd.flip(0), cols_fwd)  # (n, w)
     return padded[
-        torch.arange(n)[:, None, None, None],
-        torch.arange(c)[None, :, None, None],
+        torch.arange(n, device=device)[:, None, None, None],
+        torch.arange(c, device=device)[None, :, None, None],
         rows[:, None, :, None],
         cols[:, None, None, :],
     ]
@@ -250,7 +268,9 @@ def round_batches(
     (crop offsets, then flips). Batches are consecutive slices of that permutation, wrapping
     around to its start when the partition holds fewer than num_steps * batch_size samples; a
     partition smaller than ``batch_size`` gives batches of the partition's size (no sample twice
-    in a batch). Returns float32 normalized images and int64 labels.
+    in a batch). Returns float32 normalized images and int64 labels, on the dataset's device;
+    the same values wherever it is, and the same for ``dataset.subset(indices)`` with
+    ``indices`` ``0 .. len - 1``.
     """
     idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
     if idx.ndim != 1 or len(idx) == 0:
@@ -260,7 +280,7 @@ def round_batches(
     gen = torch.Generator().manual_seed(_mix_seed(seed, client_id, round_num))
     order = idx[torch.randperm(len(idx), generator=gen)]
     bs = min(batch_size, len(idx))
-    chosen = order[torch.arange(num_steps * bs) % len(idx)]
+    chosen = order[torch.arange(num_steps * bs) % len(idx)].to(dataset.images.device)
     images = dataset.images[chosen]
     if dataset.augment:
         images = _augment(images, gen)

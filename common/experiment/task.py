@@ -59,24 +59,43 @@ def client_batches(
     *,
     batch_size: int,
     local_steps: int,
+    device: torch.device | None = None,
 ) -> list[Batch]:
-    """The batches client ``partition_id`` trains on in ``server_round``, one per local step."""
+    """The batches client ``partition_id`` trains on in ``server_round``, one per local step.
+
+    ``device``: drawn and augmented there, from the client's samples kept there
+    (``client_dataset``); the same batches as without it (on the CPU), bit for bit on the CPU.
+    """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is not in [0, {num_partitions})")
-    return round_batches(
-        train_dataset(cfg),
-        partitions(cfg, num_partitions)[partition_id],
-        round_num=server_round,
-        num_steps=local_steps,
-        batch_size=batch_size,
-        seed=cfg.seed,
-        client_id=partition_id,
-    )
+    draw = {
+        "round_num": server_round,
+        "num_steps": local_steps,
+        "batch_size": batch_size,
+        "seed": cfg.seed,
+        "client_id": partition_id,
+    }
+    if device is None:
+        indices = partitions(cfg, num_partitions)[partition_id]
+        return round_batches(train_dataset(cfg), indices, **draw)
+    own = client_dataset(cfg, partition_id, num_partitions, device)
+    return round_batches(own, np.arange(len(own)), **draw)
 
 
-def every_client_batches(cfg: RunConfig, num_clients: int, server_round: int) -> list[list[Batch]]:
+@functools.lru_cache(maxsize=64)
+def client_dataset(
+    cfg: RunConfig, partition_id: int, num_partitions: int, device: torch.device
+) -> TensorDataset:
+    """Client ``partition_id``'s training samples on ``device``, made once per process (its
+    partition's order: batches drawn from it are ``client_batches``' own)."""
+    return train_dataset(cfg).subset(partitions(cfg, num_partitions)[partition_id]).to(device)
+
+
+def every_client_batches(
+    cfg: RunConfig, num_clients: int, server_round: int, device: torch.device | None = None
+) -> list[list[Batch]]:
     """Every client's batches of ``server_round`` with the config's batch size and E, one list
-    per client: what the in-process engine trains on."""
+    per client: what the in-process engine trains on (``device``: as ``client_batches``)."""
     return [
         client_batches(
             cfg,
@@ -85,6 +104,7 @@ def every_client_batches(cfg: RunConfig, num_clients: int, server_round: int) ->
             server_round,
             batch_size=cfg.batch_size,
             local_steps=cfg.local_steps,
+            device=device,
         )
         for k in range(num_clients)
     ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -31,26 +31,42 @@ def average_states(
                 f"state {i} has other entries than state 0: "
                 f"missing {sorted(missing)}, extra {sorted(extra)}"
             )
-    total = float(sum(weights))
     # One flat vector per client and (dtype, device) group: a handful of large operations per
     # round instead of one small operation per entry and client.
     groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
     for key, ref in states[0].items():
         groups.setdefault((ref.dtype, ref.device), []).append(key)
     out: dict[str, Tensor] = {}
-    for (dtype, _), keys_of_group in groups.items():
+    for keys_of_group in groups.values():
         sizes = [states[0][key].numel() for key in keys_of_group]
-        device = states[0][keys_of_group[0]].device
-        acc = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
-        for state, weight in zip(states, weights, strict=True):
-            # Added in float64 straight from the entries' dtype: no float64 copy per client.
-            flat = torch.cat([state[key].reshape(-1) for key in keys_of_group])
-            acc.add_(flat, alpha=weight / total)
-        if not dtype.is_floating_point:
-            acc = acc.round_()
-        for key, chunk in zip(keys_of_group, acc.to(dtype).split(sizes), strict=True):
+        rows = (torch.cat([state[key].reshape(-1) for key in keys_of_group]) for state in states)
+        mean = weighted_row_mean(rows, weights)
+        for key, chunk in zip(keys_of_group, mean.split(sizes), strict=True):
             out[key] = chunk.view(states[0][key].shape)
     return {key: out[key] for key in keys}
+
+
+def weighted_row_mean(rows: Iterable[Tensor], weights: Sequence[float]) -> Tensor:
+    """The weighted mean of equally shaped tensors of one dtype (one per weight), in that dtype.
+
+    Accumulated in float64, in the order given; integer tensors are averaged and rounded. The
+    one computation behind every average of client states, so that all engines agree bit for
+    bit. ``rows`` may be a generator: one row at a time is enough.
+    """
+    total = float(sum(weights))
+    acc: Tensor | None = None
+    dtype = torch.float64
+    for row, weight in zip(rows, weights, strict=True):
+        if acc is None:
+            acc = torch.zeros(row.shape, dtype=torch.float64, device=row.device)
+            dtype = row.dtype
+        # Added in float64 straight from the row's dtype: no float64 copy per client.
+        acc.add_(row, alpha=weight / total)
+    if acc is None:
+        raise ValueError("nothing to average")
+    if not dtype.is_floating_point:
+        acc = acc.round_()
+    return acc.to(dtype)
 
 
 def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
@@ -59,4 +75,4 @@ def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     return float(sum(v * w for v, w in zip(values, weights, strict=True)) / total)
 
 
-__all__ = ["average_states", "weighted_mean"]
+__all__ = ["average_states", "weighted_mean", "weighted_row_mean"]

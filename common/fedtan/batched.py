@@ -7,18 +7,20 @@ client dimension and one ``torch.func.vmap`` over ``functional_call`` runs all K
 operation (a convolution becomes one grouped convolution, and so on).
 
 The synchronized step needs the one thing vmap cannot express per client: BN statistics of the
-union batch. A federated layer steps out of vmap for it (``_to_clients_stack`` hands it the
-physical ``(K, B, C, ...)`` tensor), normalizes the union with torch's own batch norm, applies
-each client's affine parameters, and steps back in (``_from_clients_stack``). Autograd then
-differentiates the sum of the K clients' mean losses through that graph. With equal client
-batches, client k's gradient of that sum is FedTAN's gradient for client k (shared doc, section
-2): dL/dx_k = gamma * invstd * (g_k - mean_union(g) - xhat * mean_union(g * xhat)), where gamma
-is the same for every client because the synchronized step is the round's first, taken from the
-global model. Steps 2..E are the same vmapped call with torch's BN, per client.
+union batch. A federated layer steps out of vmap for it (``_union_batch_norm`` takes the
+physical ``(K, B, C, ...)`` tensor behind the per-client one), normalizes the union with torch's
+own batch norm, applies each client's affine parameters, and hands the result back to vmap.
+Autograd then differentiates the sum of the K clients' mean losses through that graph. With
+equal client batches, client k's gradient of that sum is FedTAN's gradient for client k (shared
+doc, section 2): dL/dx_k = gamma * invstd * (g_k - mean_union(g) - xhat * mean_union(g * xhat)),
+where gamma is the same for every client because the synchronized step is the round's first,
+taken from the global model. Steps 2..E are the same vmapped call with torch's BN, per client.
 
-Each client's optimizer (``torch.optim.SGD``, fresh per round) steps the stacked parameters,
-which is K independent SGD steps (SGD is elementwise). The round's result is the sample-weighted
-average of the K states (``average_states``), as the threaded engine returns.
+The stacked tensors are kept from round to round and reloaded from the global model
+(``_ClientStacks``). One SGD optimizer (fresh per round, as every client makes) steps them all,
+which is K independent SGD steps (SGD is elementwise). The round's result is the
+sample-weighted average of the K states, computed as ``average_states`` computes it for the
+threaded engine.
 
 ``batching_obstacle`` says why a round cannot run batched (unequal client batches, BN momentum
 None, half precision or autocast, a BN layer with its own forward); the caller then runs the
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from common.fedtan.aggregation import average_states
+from common.fedtan.aggregation import weighted_row_mean
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -45,110 +47,101 @@ _KNOWN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.for
 _BATCHED_DTYPES = (torch.float32, torch.float64)
 
 
-class _ToClientsStack(torch.autograd.Function):
-    """Under vmap over the clients: each per-client tensor becomes the physical stack of all K
-    (an unbatched ``(K, ...)`` tensor), so that one computation can see the union batch. One
-    call for all of a layer's tensors: each call of a Function under vmap costs Python work."""
+def _union_batch_norm(
+    layer: nn.modules.batchnorm._BatchNorm, x: Tensor, num_clients: int
+) -> Tensor:
+    """``layer``'s training forward over the union of the K clients' batches: union
+    statistics, each client's own affine parameters. ``x`` and the layer's tensors are per
+    client (under vmap); this steps out of vmap to see all clients at once.
 
-    @staticmethod
-    def forward(*tensors: Tensor) -> tuple[Tensor, ...]:  # outside vmap: stacks of one client
-        return tuple(t.unsqueeze(0) for t in tensors)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor) -> tuple[Tensor, ...]:
-        return tuple(g.squeeze(0) for g in grads)
-
-    @staticmethod
-    def vmap(info, in_dims, *tensors: Tensor):
-        stacks = tuple(
-            # The same tensor for every client, or a plain view of the physical tensor
-            # (autograd records it like any other op).
-            t.unsqueeze(0).expand(info.batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
-            for t, dim in zip(tensors, in_dims, strict=True)
-        )
-        return stacks, (None,) * len(stacks)
-
-
-class _FromClientsStack(torch.autograd.Function):
-    """The inverse of ``_ToClientsStack``: a ``(K, ...)`` stack becomes per-client again.
-    ``like`` is any per-client tensor: it makes vmap call this rule (an all-unbatched call
-    would run unbatched)."""
-
-    @staticmethod
-    def forward(stack: Tensor, like: Tensor) -> Tensor:  # outside vmap: a stack of one client
-        return stack.squeeze(0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad.unsqueeze(0), None
-
-    @staticmethod
-    def vmap(info, in_dims, stack: Tensor, like: Tensor):
-        if in_dims[0] is not None:
-            raise ValueError("_FromClientsStack expects the physical stack, not a per-client one")
-        # A new tensor object: vmap hands back an input returned as is unchanged (unbatched).
-        return stack.view_as(stack), 0
-
-
-def _union_batch_norm(layer: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
-    """``layer``'s training forward over the union of the K clients' batches (``x`` per client,
-    under vmap): union statistics, each client's own affine parameters."""
-    momentum = layer.momentum  # not None: batching_obstacle
-    affine = layer.weight is not None
-    track = layer.track_running_stats and layer.running_mean is not None
-    if track:
+    Out of vmap by hand, with ``torch._C._functorch``'s unwrap and wrap (private, pinned by
+    this project's torch version and its exactness tests): the physical tensors of all clients
+    are what an ``autograd.Function``'s vmap rule would be given, without that rule's Python
+    dispatch per call. Plain torch operations on them are recorded and differentiated by
+    autograd like any others.
+    """
+    if layer.track_running_stats and layer.running_mean is not None:
         layer.num_batches_tracked.add_(1)
-    per_client = [x]
-    if affine:
-        per_client += [layer.weight, layer.bias]
-    if track:
-        per_client += [layer.running_mean, layer.running_var]
-    stack, *stacks = _ToClientsStack.apply(*per_client)  # stack: (K, B, C, *spatial)
-    running_mean = running_var = None
-    if track:
-        # Every client holds the same running statistics in the synchronized step (all start
-        # from the global model and add the same union statistics): update one copy, give it
-        # to all.
-        running_mean, running_var = (s[0].detach().clone() for s in stacks[-2:])
-    # torch's own kernel over the union batch: its statistics (and its running-statistics update,
-    # unbiased over the union) are the centralized BN's. vmap's convolutions leave the samples
-    # outside the clients in memory ((B, K, C, ...)): flatten in that order, a view, not a copy.
-    samples_first = stack.transpose(0, 1)
-    union = samples_first if samples_first.is_contiguous() else stack
+    level = torch._C._functorch.maybe_current_level()
+    samples_first = _samples_first(x, level, num_clients)  # (B, K, C, *spatial)
+    samples, _, channels, *spatial = samples_first.shape
+    xhat = _normalize_union(layer, samples_first.flatten(0, 1), level, num_clients)
+    # The same memory seen as K * C client-channels: (B, K * C, *spatial).
+    per_client = xhat.view(samples, num_clients * channels, *spatial)
+    if layer.weight is not None:
+        # Each client's own affine parameters, in one fused pass (forward and backward): BN in
+        # its eval form over the client-channels, with mean 0 and variance 1 (eps 0), is
+        # x * weight + bias, and its backward gives each client's own sums.
+        per_client = F.batch_norm(
+            per_client,
+            per_client.new_zeros(num_clients * channels),
+            per_client.new_ones(num_clients * channels),
+            _all_clients(layer.weight, level, num_clients).view(-1),
+            _all_clients(layer.bias, level, num_clients).view(-1),
+            training=False,
+            eps=0.0,
+        )
+    out = per_client.view(samples, num_clients, channels, *spatial)
+    return torch._C._functorch._add_batch_dim(out, 1, level)
+
+
+def _normalize_union(
+    layer: nn.modules.batchnorm._BatchNorm, union: Tensor, level: int, num_clients: int
+) -> Tensor:
+    """``union`` (the K clients' samples, physical) normalized with its own statistics by
+    torch's kernel, whose statistics and running-statistics update (unbiased over the union)
+    are the centralized BN's; the clients' running statistics updated with them."""
+    track = layer.track_running_stats and layer.running_mean is not None
+    if not track:
+        return F.batch_norm(union, None, None, training=True, eps=layer.eps)
+    stacked = [_all_clients(t, level, num_clients) for t in (layer.running_mean, layer.running_var)]
+    # Every client holds the same running statistics in the synchronized step (all start from
+    # the global model and add the same union statistics): update a copy of client 0's (not its
+    # own: autograd keeps it), then give it to all.
+    mean, var = (clients[0].clone() for clients in stacked)
     xhat = F.batch_norm(
-        union.flatten(0, 1), running_mean, running_var, None, None, True, momentum, layer.eps
-    ).view(union.shape)
-    if union is samples_first:
-        xhat = xhat.transpose(0, 1)
-    if track:
-        with torch.no_grad():
-            layer.running_mean.copy_(running_mean)
-            layer.running_var.copy_(running_var)
-    if affine:
-        per_channel = (stack.shape[0], 1, -1, *([1] * (stack.dim() - 3)))
-        weight, bias = (s.view(per_channel) for s in stacks[:2])
-        xhat = torch.addcmul(bias, xhat, weight)
-    return _FromClientsStack.apply(xhat, x)
+        union,
+        mean,
+        var,
+        training=True,
+        momentum=layer.momentum,  # not None: batching_obstacle
+        eps=layer.eps,
+    )
+    with torch.no_grad():
+        for clients, new in zip(stacked, (mean, var), strict=True):
+            clients.copy_(new.expand_as(clients))
+    return xhat
+
+
+def _samples_first(x: Tensor, level: int, num_clients: int) -> Tensor:
+    """The physical tensor behind per-client ``x`` under vmap, as a contiguous
+    ``(B, K, C, *spatial)`` tensor: a view of what vmap's convolutions leave (the samples
+    outside the clients in memory), a copy otherwise."""
+    physical, dim = torch._C._functorch._unwrap_batched(x, level)
+    if dim is None:  # the same input for every client
+        return physical.unsqueeze(1).expand(-1, num_clients, *physical.shape[1:]).contiguous()
+    return (physical if dim == 1 else physical.movedim(dim, 1)).contiguous()
+
+
+def _all_clients(t: Tensor, level: int, num_clients: int) -> Tensor:
+    """The physical tensor behind per-client ``t`` under vmap (at ``level``), the clients in
+    dimension 0 (a view)."""
+    physical, dim = torch._C._functorch._unwrap_batched(t, level)
+    if dim is None:  # the same tensor for every client
+        return physical.unsqueeze(0).expand(num_clients, *physical.shape)
+    return physical if dim == 0 else physical.movedim(dim, 0)
 
 
 class _BatchedBatchNorm:
     """Adds the union-batch training step to a torch BatchNorm class, for use under vmap."""
 
-    union: bool = False
+    union_of: int = 0  # K while the layer normalizes over the union of K clients' batches
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training or not self.union:
+        if not self.training or not self.union_of:
             return super().forward(input)
         self._check_input_dim(input)
-        return _union_batch_norm(self, input)
+        return _union_batch_norm(self, input, self.union_of)
 
 
 _batched_classes: dict[type[nn.Module], type[nn.Module]] = {}
@@ -196,10 +189,10 @@ def batching_obstacle(model: nn.Module, client_batches: Sequence[Sequence[Batch]
 
 
 # On the CPU, vmap's grouped convolutions cost more than K separate ones once a client's batch
-# is large: bench_round.py (ResNet-20, 5 clients, one thread, CPU seconds per round against a
-# centralized step) measured batched 2.0x / threads 2.5x at 8 samples per client, and batched
-# 1.9x / threads 1.4x at 32 (1.6x / 0.76x at 128): the crossover lies between 8 and 32, and
-# this splits it.
+# is large: bench_round.py (ResNet-20, 5 clients, one torch thread, wall time per round against
+# a centralized step, 2026-12-02) measured batched 1.48x / threads 1.69x at 8 samples per
+# client, and batched 1.53x / threads 1.02x at 32 (1.42x / 0.90x at 128): the crossover lies
+# between 8 and 32, and this splits it.
 CPU_BATCHED_MAX_SAMPLES = 16
 
 
@@ -215,10 +208,61 @@ def batching_pays_off(client_batches: Sequence[Sequence[Batch]]) -> bool:
     )
 
 
+class _ClientStacks:
+    """The K clients' parameters and buffers, kept from round to round.
+
+    Tensor ``name`` of client k is ``tensors[name][k]``. Each stacked tensor is contiguous:
+    vmap's rules update a non-contiguous stacked buffer (BN's running statistics) in a copy that
+    is then lost. A round loads the global model with one fused copy and averages each group of
+    tensors (dtype, device) as one ``(K, N)`` matrix, instead of one operation per tensor and
+    client. The trained parameters are leaves of autograd, stepped in place by the optimizer.
+    """
+
+    def __init__(self, model: nn.Module, num_clients: int) -> None:
+        self.num_clients = num_clients
+        sources = _named_tensors(model)
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        self.tensors = {
+            name: torch.empty(num_clients, *t.shape, dtype=t.dtype, device=t.device)
+            for name, t in sources.items()
+        }
+        self.trained = [self.tensors[n].requires_grad_() for n in sources if n in trained]
+        # Per group (dtype, device): its tensors' names, shapes, and each client's row of them.
+        self._groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
+        for name, t in sources.items():
+            self._groups.setdefault((t.dtype, t.device), []).append(name)
+        self._shapes = {name: t.shape for name, t in sources.items()}
+        self._rows = [
+            [self.tensors[n].view(num_clients, -1) for n in names]
+            for names in self._groups.values()
+        ]
+
+    @torch.no_grad()
+    def load(self, sources: dict[str, Tensor]) -> None:
+        """Every client's tensors := ``sources`` (the model's current ones, by name)."""
+        stacks = list(self.tensors.values())
+        torch._foreach_copy_(stacks, [sources[n].expand_as(s) for n, s in self.tensors.items()])
+        for t in self.trained:
+            t.grad = None
+
+    @torch.no_grad()
+    def average(self, weights: Sequence[float], keys: dict[str, str]) -> dict[str, Tensor]:
+        """The weighted average of the clients, as a ``state_dict`` (``keys``: each key's
+        tensor name); its entries are views into one new buffer per group."""
+        means: dict[str, Tensor] = {}
+        for names, rows in zip(self._groups.values(), self._rows, strict=True):
+            # Row k: client k's tensors of the group, one after the other (one copy).
+            mean = weighted_row_mean(torch.cat(rows, dim=1).unbind(0), weights)
+            sizes = [self._shapes[n].numel() for n in names]
+            for name, chunk in zip(names, mean.split(sizes), strict=True):
+                means[name] = chunk.view(self._shapes[name])
+        return {key: means[name] for key, name in keys.items()}
+
+
 class BatchedClients:
-    """The structure the batched engine runs for ``model``: a copy whose BN layers can normalize
-    over the union batch. Made once per model and reused round after round; its own tensors are
-    never used (every call passes the stacked client states)."""
+    """The batched engine for ``model``: a copy whose BN layers can normalize over the union
+    batch, and the clients' stacked tensors. Made once per model and reused round after round;
+    the copy's own tensors are never used (every call passes the stacked client tensors)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -229,7 +273,10 @@ class BatchedClients:
         for layer in _batchnorm_layers(self._network):
             layer.__class__ = _batched_class(type(layer))
         self._union_layers: list[_BatchedBatchNorm] = _batchnorm_layers(self._network)  # type: ignore[assignment]
-        self._layout = _layout(self.model)
+        self._layout = _layout(_named_tensors(self.model))
+        self._keys = _state_names(self.model)
+        self._aliases = _aliases(self.model)
+        self._stacks: _ClientStacks | None = None
 
     def round(
         self,
@@ -242,55 +289,57 @@ class BatchedClients:
     ) -> dict[str, Tensor]:
         """One FedTAN round, the clients batched; returns the new global ``state_dict``.
         ``batching_obstacle(model, client_batches)`` must be None."""
-        if _layout(self.model) != self._layout:
-            # The model's tensors changed (another device, dtype or shape): start again.
+        # The model's tensors now: they may have been replaced since the last round.
+        sources = _named_tensors(self.model)
+        if _layout(sources) != self._layout:
+            # Another device, dtype or shape: start again.
             self._build()
         num_clients = len(client_batches)
-        # Every client starts from the global model: one stacked copy per tensor.
-        params = {
-            name: _stacked(p, num_clients).requires_grad_(p.requires_grad)
-            for name, p in self.model.named_parameters()
-        }
-        buffers = {name: _stacked(b, num_clients) for name, b in self.model.named_buffers()}
+        if self._stacks is None or self._stacks.num_clients != num_clients:
+            self._stacks = _ClientStacks(self.model, num_clients)
+        stacks = self._stacks
+        stacks.load(sources)  # every client starts from the global model
+        # SGD is elementwise: one step over the stacks is K clients' steps. A fresh optimizer
+        # per round, as every client makes; foreach: a few fused operations per step.
         optimizer = torch.optim.SGD(
-            params.values(), lr=lr, momentum=momentum, weight_decay=weight_decay
+            stacks.trained, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True
         )
         network = self._network.train()
 
-        def client_loss(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor):
-            return loss_fn(functional_call(network, (p, b), (x,)), y)
+        def client_loss(tensors: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            # Every name of every tensor given (_aliases): no search for tied tensors per call.
+            return loss_fn(functional_call(network, tensors, (x,), tie_weights=False), y)
 
-        batched_loss = vmap(client_loss)
+        # The inputs stacked with the samples outside the clients, the layout vmap's
+        # convolutions work in: a view for them, not a copy.
+        batched_loss = vmap(client_loss, in_dims=(0, 1, 1))
+        tensors = {alias: stacks.tensors[name] for alias, name in self._aliases.items()}
         for step in range(len(client_batches[0])):
-            inputs = torch.stack([batches[step][0] for batches in client_batches])
-            targets = torch.stack([batches[step][1] for batches in client_batches])
-            self._set_union(step == 0)
+            inputs = torch.stack([batches[step][0] for batches in client_batches], dim=1)
+            targets = torch.stack([batches[step][1] for batches in client_batches], dim=1)
+            self._set_union(num_clients if step == 0 else 0)
             try:
-                losses = batched_loss(params, buffers, inputs, targets)
+                losses = batched_loss(tensors, inputs, targets)
             finally:
-                self._set_union(False)
+                self._set_union(0)
             optimizer.zero_grad(set_to_none=True)
             # Client k's gradient of the sum is its own loss's (its parameters reach the other
             # clients' losses only through the union statistics, as in FedTAN's backward).
             losses.sum().backward()
             optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-        stacked = {**params, **buffers}
-        names = _state_names(self.model)
-        states = [
-            {key: stacked[name][k].detach() for key, name in names.items()}
-            for k in range(num_clients)
-        ]
         weights = [sum(len(targets) for _, targets in batches) for batches in client_batches]
-        return average_states(states, weights)
+        return stacks.average(weights, self._keys)
 
-    def _set_union(self, union: bool) -> None:
+    def _set_union(self, num_clients: int) -> None:
         for layer in self._union_layers:
-            layer.union = union
+            layer.union_of = num_clients
 
 
-def _stacked(t: Tensor, num_clients: int) -> Tensor:
-    return t.detach().unsqueeze(0).repeat(num_clients, *([1] * t.dim()))
+def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
+    # Non-persistent buffers too: the forward uses them.
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
 def _state_names(model: nn.Module) -> dict[str, str]:
@@ -300,11 +349,21 @@ def _state_names(model: nn.Module) -> dict[str, str]:
     return {key: name_of[id(t)] for key, t in model.state_dict(keep_vars=True).items()}
 
 
-def _layout(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype, torch.device]]:
-    return [
-        (n, t.shape, t.dtype, t.device)
-        for n, t in [*model.named_parameters(), *model.named_buffers()]
-    ]
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Every name of every parameter and buffer (a tied tensor has several), with the one name
+    it has among the named tensors."""
+    name_of = {id(t): n for n, t in _named_tensors(model).items()}
+    return {
+        alias: name_of[id(t)]
+        for alias, t in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+    }
+
+
+def _layout(tensors: dict[str, Tensor]) -> list[tuple[str, torch.Size, torch.dtype, torch.device]]:
+    return [(n, t.shape, t.dtype, t.device) for n, t in tensors.items()]
 
 
 __all__ = ["BatchedClients", "batching_obstacle", "batching_pays_off"]

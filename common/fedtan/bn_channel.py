@@ -17,9 +17,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from torch import Tensor
+
+# The two phases of a synchronized step: the exchange of moments in the forward pass, of
+# gradient sums in the backward pass.
+FORWARD, BACKWARD = "forward", "backward"
 
 
 class BNSyncError(ValueError):
@@ -85,6 +90,16 @@ def combine_moments(layer: str, parts: Mapping[Hashable, Moments]) -> Moments:
     its own; callers cast back to their dtype. The values of all parts are checked together,
     with one read of the device (the per-part checks run only to name a refused part).
     """
+    union, usable = merge_moments(layer, parts)
+    if not bool(usable):
+        refuse_moments(layer, parts)
+    return union
+
+
+def merge_moments(layer: str, parts: Mapping[Hashable, Moments]) -> tuple[Moments, Tensor]:
+    """``combine_moments`` without reading the device: the union's moments, and a boolean
+    tensor that is True when every part's values are usable (``refuse_moments`` names the part
+    that is not). Shapes, dtypes and counts, which need no read, are checked here."""
     _check_same_shape(layer, {k: p.mean for k, p in parts.items()})
     for sender, part in parts.items():
         _check_count(sender, layer, part)
@@ -92,28 +107,44 @@ def combine_moments(layer: str, parts: Mapping[Hashable, Moments]) -> Moments:
     # One stack and one cast for all clients (float16/32 to float64 is exact).
     stacked = torch.stack([v for p in parts.values() for v in (p.mean, p.m2)]).double()
     means, m2s = stacked.view(len(parts), 2, -1).unbind(1)
-    if not bool(_moments_ok(means, m2s)):
-        for sender, part in parts.items():
-            check_moments(sender, layer, part)
     counts = [p.count for p in parts.values()]
     total = sum(counts)
     weights = _column(counts, like=means)
     mean = (weights * means).sum(0) / total
     m2 = (m2s + weights * (means - mean) ** 2).sum(0)
-    return Moments(total, mean, m2)
+    return Moments(total, mean, m2), _moments_ok(means, m2s)
+
+
+def refuse_moments(layer: str, parts: Mapping[Hashable, Moments]) -> NoReturn:
+    """Raise ``BNSyncError`` naming the first part whose values ``merge_moments`` refused."""
+    for sender, part in parts.items():
+        check_moments(sender, layer, part)
+    raise BNSyncError(f"layer {layer!r}: the clients' moments are unusable together")
 
 
 def combine_grad_sums(layer: str, parts: Mapping[Hashable, GradSums]) -> GradSums:
     """Sum of the clients' (already weighted) gradient sums, in float64, checked together."""
+    union, usable = merge_grad_sums(layer, parts)
+    if not bool(usable):
+        refuse_grad_sums(layer, parts)
+    return union
+
+
+def merge_grad_sums(layer: str, parts: Mapping[Hashable, GradSums]) -> tuple[GradSums, Tensor]:
+    """``combine_grad_sums`` without reading the device (as ``merge_moments``)."""
     _check_same_shape(layer, {k: p.sum_dy for k, p in parts.items()})
     for sender, part in parts.items():
         _check_vectors(sender, layer, sum_dy=part.sum_dy, sum_dy_xhat=part.sum_dy_xhat)
     stacked = torch.stack([v for p in parts.values() for v in (p.sum_dy, p.sum_dy_xhat)]).double()
-    if not bool(_finite(stacked)):
-        for sender, part in parts.items():
-            check_grad_sums(sender, layer, part)
     sum_dy, sum_dy_xhat = stacked.view(len(parts), 2, -1).sum(0)
-    return GradSums(sum_dy, sum_dy_xhat)
+    return GradSums(sum_dy, sum_dy_xhat), _finite(stacked)
+
+
+def refuse_grad_sums(layer: str, parts: Mapping[Hashable, GradSums]) -> NoReturn:
+    """Raise ``BNSyncError`` naming the first part whose values ``merge_grad_sums`` refused."""
+    for sender, part in parts.items():
+        check_grad_sums(sender, layer, part)
+    raise BNSyncError(f"layer {layer!r}: the clients' gradient sums are unusable together")
 
 
 def _column(values: list[int], like: Tensor) -> Tensor:
@@ -184,6 +215,8 @@ def share_of_union(local_count: int, total_count: int) -> float:
 
 
 __all__ = [
+    "BACKWARD",
+    "FORWARD",
     "BNChannel",
     "BNSyncError",
     "GradSums",
@@ -192,5 +225,9 @@ __all__ = [
     "check_moments",
     "combine_grad_sums",
     "combine_moments",
+    "merge_grad_sums",
+    "merge_moments",
+    "refuse_grad_sums",
+    "refuse_moments",
     "share_of_union",
 ]

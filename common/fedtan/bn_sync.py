@@ -62,7 +62,7 @@ class _SyncedBatchNormFunction(torch.autograd.Function):
         weight_acc = torch.ones_like(mean) if weight is None else weight.to(acc)
         bias_acc = None if bias is None else bias.to(acc)
         # One fused native pass: BN in its eval form, with the union's statistics.
-        out = torch.batch_norm(x, weight_acc, bias_acc, mean, var, False, 0.0, eps, False)
+        out = _batch_norm_eval(x, weight_acc, bias_acc, mean, var, eps)
 
         ctx.save_for_backward(x, weight_acc, mean, var, torch.rsqrt(var + eps))
         ctx.eps, ctx.channel, ctx.layer = eps, channel, layer
@@ -79,7 +79,16 @@ class _SyncedBatchNormFunction(torch.autograd.Function):
         # The saved mean and invstd must be passed: CUDA's unfused path (2-D or channels_last
         # input, no input gradient) asserts on them.
         scaled_g, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, w, mean, var, mean, invstd, False, ctx.eps, [need_x, True, True]
+            grad_out,
+            x,
+            w,
+            mean,
+            var,
+            mean,
+            invstd,
+            train=False,
+            eps=ctx.eps,
+            output_mask=[need_x, True, True],
         )
 
         grad_x = None
@@ -93,15 +102,24 @@ class _SyncedBatchNormFunction(torch.autograd.Function):
             )
             # gamma * invstd * (g - s1 - xhat * s2): the xhat term in one fused pass.
             scale = w * invstd
-            correction = torch.batch_norm(
-                x, -scale * s2, -scale * s1, mean, var, False, 0.0, ctx.eps, False
-            )
+            correction = _batch_norm_eval(x, -scale * s2, -scale * s1, mean, var, ctx.eps)
             grad_x = scaled_g.add_(correction)
 
         # gamma and beta only see this client's samples: their local sums are their gradients.
         grad_weight = sum_dy_xhat.to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
         grad_bias = sum_dy.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _batch_norm_eval(
+    x: Tensor, weight: Tensor, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias per channel: BN's eval form, one fused
+    pass of torch's native kernel (not cuDNN's), the kernel family of the backward's
+    ``native_batch_norm_backward``."""
+    return torch.batch_norm(
+        x, weight, bias, mean, var, training=False, momentum=0.0, eps=eps, cudnn_enabled=False
+    )
 
 
 def _per_channel(v: Tensor, like: Tensor) -> Tensor:

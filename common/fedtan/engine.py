@@ -202,6 +202,10 @@ def synced_round(
         thread.start()
     for thread in threads:
         thread.join()
+    if hub is not None:
+        # The values exchanged, checked once for the whole round: an unusable contribution is
+        # the cause of whatever else failed after it, named by client and layer.
+        hub.verify()
     # Raise the cause, not its echoes: a client released by another's failure holds a
     # BNSyncError whose __cause__ is that failure. A failed exchange is re-raised as the
     # BNSyncError it is (it names the client and layer at fault).
@@ -248,8 +252,9 @@ def _batched_round(
             stacklevel=3,
         )
         return None
-    floats = [v for v in state.values() if v.is_floating_point()]
-    if floats and not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
+    floats = [v.reshape(-1) for v in state.values() if v.is_floating_point()]
+    # One check over all entries (one copy), and one read of the device.
+    if floats and not bool(torch.cat(floats).isfinite().all()):
         return None
     return state
 

@@ -7,19 +7,31 @@ serialization in between, so it is what the Flower and gRPC transports are teste
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable, Mapping
-from typing import TypeVar
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
 
 from common.fedtan.bn_channel import (
+    BACKWARD,
+    FORWARD,
     BNChannel,
     BNSyncError,
     GradSums,
     Moments,
-    combine_grad_sums,
-    combine_moments,
+    merge_grad_sums,
+    merge_moments,
+    refuse_grad_sums,
+    refuse_moments,
 )
 
-T = TypeVar("T")
+Parts = Mapping[Hashable, Any]
+# Each phase's combination without a read of the device, and what names a refused part.
+_MERGE = {
+    FORWARD: (merge_moments, refuse_moments),
+    BACKWARD: (merge_grad_sums, refuse_grad_sums),
+}
 
 
 class InProcessHub:
@@ -27,6 +39,13 @@ class InProcessHub:
 
     If one client fails, ``abort`` releases the others with a ``BNSyncError`` instead of leaving
     them waiting; ``timeout`` bounds the wait for a client that never arrives.
+
+    The clients are threads of this process, so the hub trusts them to exchange values of the
+    right kind and defers the check of the values themselves (finite, variances not negative):
+    each exchange keeps its verdict as a tensor on the device, and ``verify`` reads all of them
+    at once, after the step, naming the client and layer of the first unusable contribution.
+    Shapes, dtypes, counts and the clients' being in step are checked at every exchange, as
+    they need no read of the device.
     """
 
     def __init__(self, num_clients: int, timeout: float | None = 300.0) -> None:
@@ -36,9 +55,10 @@ class InProcessHub:
         self._timeout = timeout
         self._barrier = threading.Barrier(num_clients, action=self._combine)
         self._pending: dict[int, tuple[str, str, object]] = {}
-        self._combine_fn: Callable[[str, Mapping[Hashable, object]], object] | None = None
         self._result: object = None
         self._error: BaseException | None = None
+        # Every exchange since the last verify: phase, layer, the parts, their verdict.
+        self._unverified: list[tuple[str, str, Parts, Tensor]] = []
 
     def channel(self, rank: int) -> BNChannel:
         """Client ``rank``'s end of the hub."""
@@ -52,16 +72,25 @@ class InProcessHub:
             self._error = error
         self._barrier.abort()
 
-    def all_reduce(
-        self,
-        rank: int,
-        phase: str,
-        layer: str,
-        value: T,
-        combine: Callable[[str, Mapping[Hashable, T]], T],
-    ) -> T:
+    def verify(self) -> None:
+        """Raise ``BNSyncError`` naming the client and layer of the first unusable contribution
+        exchanged since the last call; one read of the device, whatever the number of
+        exchanges. Call it once the clients are done (and before using what they computed)."""
+        exchanges, self._unverified = self._unverified, []
+        if not exchanges:
+            return
+        device = exchanges[0][3].device
+        verdicts = torch.stack([usable.to(device) for *_, usable in exchanges])
+        if bool(verdicts.all()):
+            return
+        for (phase, layer, parts, _), usable in zip(exchanges, verdicts.tolist(), strict=True):
+            if not usable:
+                _MERGE[phase][1](layer, parts)
+
+    def all_reduce(self, rank: int, phase: str, layer: str, value: object) -> Any:
+        """Client ``rank``'s ``value`` for ``layer`` in ``phase`` (``FORWARD``: ``Moments``,
+        ``BACKWARD``: ``GradSums``); returns the combination of all K clients' values."""
         self._pending[rank] = (phase, layer, value)
-        self._combine_fn = combine
         try:
             self._barrier.wait(self._timeout)
         except threading.BrokenBarrierError:
@@ -71,7 +100,7 @@ class InProcessHub:
             )
             raise BNSyncError(f"BN synchronization aborted: {cause}") from cause
         # Safe to read: the next combine needs this thread back at the barrier first.
-        return self._result  # type: ignore[return-value]
+        return self._result
 
     def _combine(self) -> None:
         # Runs in exactly one thread, once all clients have contributed.
@@ -80,9 +109,11 @@ class InProcessHub:
             if len(points) != 1:
                 where = {rank: f"{p[0]} {p[1]!r}" for rank, p in sorted(self._pending.items())}
                 raise BNSyncError(f"clients are out of step: {where}")
-            ((_, layer),) = points
+            ((phase, layer),) = points
             parts = {rank: v for rank, (_, _, v) in sorted(self._pending.items())}
-            self._result = self._combine_fn(layer, parts)
+            merge, _ = _MERGE[phase]
+            self._result, usable = merge(layer, parts)
+            self._unverified.append((phase, layer, parts, usable))
         except BaseException as error:  # noqa: BLE001 - handed to every waiting client
             self._error = error
             raise
@@ -93,7 +124,7 @@ class _HubChannel(BNChannel):
         self._hub, self._rank = hub, rank
 
     def reduce_moments(self, layer: str, local: Moments) -> Moments:
-        return self._hub.all_reduce(self._rank, "forward", layer, local, combine_moments)
+        return self._hub.all_reduce(self._rank, FORWARD, layer, local)
 
     def reduce_grad_sums(self, layer: str, local: GradSums) -> GradSums:
-        return self._hub.all_reduce(self._rank, "backward", layer, local, combine_grad_sums)
+        return self._hub.all_reduce(self._rank, BACKWARD, layer, local)
