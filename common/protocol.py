@@ -13,6 +13,8 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
 from common.fedtan.bn_channel import (
+    BACKWARD,
+    FORWARD,
     GradSums,
     Moments,
     check_grad_sums,
@@ -113,8 +115,7 @@ class TrainSettings:
 _TYPES = {"int": int, "float": float, "bool": bool}  # TrainSettings' field types, by name
 
 
-# --- the phases of a synchronized step -------------------------------------------------------
-FORWARD, BACKWARD = "forward", "backward"
+# --- the phases of a synchronized step (FORWARD and BACKWARD: named in bn_channel) ------------
 
 
 @dataclass(frozen=True)

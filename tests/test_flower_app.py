@@ -475,3 +475,28 @@ def test_a_client_outside_the_servers_process_finds_no_hub():
 
     with pytest.raises(BNSyncError, match="no in-process BN sync hub 'round-1-x'.*run_locally"):
         InProcessBNChannel(ConfigRecord({BN_SYNC_HUB: "round-1-x"}), 1000)
+
+
+def test_a_client_sending_non_finite_statistics_in_process_is_named_and_left_out(
+    tmp_path, caplog, monkeypatch
+):
+    """The trusted hub checks the values once the clients are done (one device read per
+    step); a non-finite contribution still fails the round, naming its sender alone."""
+    from common.fedtan.bn_channel import Moments
+    from common.transports.inprocess import InProcessBNChannel
+
+    real = InProcessBNChannel.reduce_moments
+
+    def non_finite_from_1001(self, layer, local):
+        if self.node_id == 1001 and layer != "preflight":
+            local = Moments(local.count, local.mean.clone().fill_(math.nan), local.m2)
+        return real(self, layer, local)
+
+    monkeypatch.setattr(InProcessBNChannel, "reduce_moments", non_finite_from_1001)
+    result, _ = run(tmp_path, **{"transport": "inprocess"})
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert any("non-finite" in f for f in failures), failures
+    retries = [r.getMessage() for r in caplog.records if "Retrying without" in r.getMessage()]
+    assert retries == ["Retrying without nodes [1001]"]
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert all(m["clients"] == 2 for m in result.train_metrics_clientapp.values())

@@ -28,7 +28,13 @@ FORWARD, BACKWARD = "forward", "backward"
 
 
 class BNSyncError(ValueError):
-    """A client's contribution to a BN synchronization is unusable, or the exchange broke."""
+    """A client's contribution to a BN synchronization is unusable, or the exchange broke.
+
+    ``sender``: the client whose contribution was refused, when one is to blame."""
+
+    def __init__(self, message: str, sender: Hashable | None = None) -> None:
+        super().__init__(message)
+        self.sender = sender
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,8 @@ def _check_count(sender: Hashable, layer: str, moments: Moments) -> None:
     if not isinstance(moments.count, int) or moments.count <= 0:
         raise BNSyncError(
             f"client {sender}, layer {layer!r}: count must be a positive integer, "
-            f"got {moments.count!r} (empty batch?)"
+            f"got {moments.count!r} (empty batch?)",
+            sender,
         )
 
 
@@ -170,13 +177,15 @@ def _check_vectors(sender: Hashable, layer: str, **vectors: Tensor) -> None:
     if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
         raise BNSyncError(
             f"client {sender}, layer {layer!r}: expected per-channel vectors of "
-            f"one shape, got {shapes}"
+            f"one shape, got {shapes}",
+            sender,
         )
     for name, v in vectors.items():
         if not v.is_floating_point():
             raise BNSyncError(
                 f"client {sender}, layer {layer!r}: {name} has dtype {v.dtype}, "
-                "expected a floating-point tensor"
+                "expected a floating-point tensor",
+                sender,
             )
 
 
@@ -195,8 +204,12 @@ def _refuse_values(sender: Hashable, layer: str, **vectors: Tensor) -> None:
     """Name what is wrong with vectors that failed a fused check."""
     for name, v in vectors.items():
         if not bool(torch.isfinite(v).all()):
-            raise BNSyncError(f"client {sender}, layer {layer!r}: {name} has non-finite values")
-    raise BNSyncError(f"client {sender}, layer {layer!r}: negative sum of squared deviations")
+            raise BNSyncError(
+                f"client {sender}, layer {layer!r}: {name} has non-finite values", sender
+            )
+    raise BNSyncError(
+        f"client {sender}, layer {layer!r}: negative sum of squared deviations", sender
+    )
 
 
 def _check_same_shape(layer: str, vectors: Mapping[Hashable, Tensor]) -> None:

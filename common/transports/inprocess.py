@@ -106,7 +106,18 @@ class InProcessRound(RoundSync):
         ]
 
     def finish(self) -> None:
+        """Every client is done: check what they exchanged (the hub defers that to here)."""
         self._close()
+        try:
+            self.open_hub.hub.verify()
+        except BNSyncError as error:
+            nodes = {rank: node for node, rank in self.open_hub.ranks.items()}
+            culprit = nodes.get(error.sender)  # type: ignore[arg-type]
+            raise RoundFailure(
+                f"BN sync round refused: {error}",
+                FailureKind.BAD_REPLY if culprit is not None else FailureKind.DISAGREEMENT,
+                () if culprit is None else {culprit},
+            ) from error
 
     def abort(self, failure: RoundFailure) -> RoundFailure:
         """Release clients still at the hub. At fault: the nodes that failed on their own, else
