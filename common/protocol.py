@@ -41,6 +41,7 @@ EVALUATE_LOCAL = MessageType("evaluate.local")  # a client evaluates its own mod
 QUERY_BN_FORWARD = MessageType("query.bn_forward")  # transport "messages": a layer's moments
 QUERY_BN_BACKWARD = MessageType("query.bn_backward")  # ... and its gradient sums
 QUERY_BN_SYNC_PREFLIGHT = MessageType("query.bn_sync_preflight")  # transport "grpc", round 0
+TRAIN_FEDTAN_BLOCK = MessageType("train.fedtan_block")  # transport "grpc": rounds-per-message > 1
 
 # --- record keys of a message's RecordDict ---------------------------------------------------
 CONFIG_RECORD = "config"  # ConfigRecord: the round's settings (keys below)
@@ -67,6 +68,8 @@ BN_SYNC_ROUND = "bn-sync-round"  # the service's round id (one per attempt)
 BN_SYNC_CREDENTIAL = "bn-sync-credential"  # this client's credential, for this round only
 BN_SYNC_ROOT_CERTIFICATES = "bn-sync-root-certificates"  # PEM; empty: no TLS
 BN_SYNC_TIMEOUT = "bn-sync-timeout"  # seconds the client waits for one exchange
+BN_SYNC_BLOCK = "bn-sync-block"  # a block of rounds: its id on the service (train.fedtan_block)
+BN_SYNC_BLOCK_WAIT = "bn-sync-block-wait"  # seconds a block member waits for the next round
 
 # --- keys of the metrics record --------------------------------------------------------------
 NUM_EXAMPLES = "num-examples"

@@ -342,6 +342,7 @@ class RoundStrategy(Strategy):
     ) -> RoundPlan:
         """Attempt ``attempt`` at ``server_round``: its clients, model, config and ids."""
         nodes = self.round_nodes(grid, server_round, attempt, timeout=timeout)
+        pool = sorted(set(grid.get_node_ids()) - self.excluded)
         return RoundPlan(
             server_round=server_round,
             attempt=attempt,
@@ -352,6 +353,7 @@ class RoundStrategy(Strategy):
             group_id=f"{self.name}-round-{server_round}",
             timeout=timeout,
             traffic=traffic,
+            pool=pool,
         )
 
     def round_nodes(
@@ -379,16 +381,20 @@ class RoundStrategy(Strategy):
         """One attempt at a round: train messages out, replies averaged into ``arrays``."""
         sync = self.open_sync(grid, plan)
         try:
-            replies = exchange(
-                grid, sync.train_messages(), timeout=plan.timeout, traffic=plan.traffic
-            )
+            outcome = sync.averaged()  # a transport that averaged the round itself
+            if outcome is None:
+                replies = exchange(
+                    grid, sync.train_messages(), timeout=plan.timeout, traffic=plan.traffic
+                )
             sync.finish()
         except RoundFailure as failure:
-            if (outcome := sync.abort(failure)) is failure:
+            if (reported := sync.abort(failure)) is failure:
                 raise
-            raise outcome from failure
-        _check_reply_models(replies, expected=frozenset(plan.arrays.keys()))
-        averaged, metrics = self.aggregate_train(plan.server_round, replies.values())
+            raise reported from failure
+        if outcome is None:
+            _check_reply_models(replies, expected=frozenset(plan.arrays.keys()))
+            outcome = self.aggregate_train(plan.server_round, replies.values())
+        averaged, metrics = outcome
         merged = ArrayRecord()
         for key, array in arrays.items():  # the clients' own entries keep the server's value
             merged[key] = averaged[key] if key in averaged else array
