@@ -342,7 +342,6 @@ class RoundStrategy(Strategy):
     ) -> RoundPlan:
         """Attempt ``attempt`` at ``server_round``: its clients, model, config and ids."""
         nodes = self.round_nodes(grid, server_round, attempt, timeout=timeout)
-        pool = sorted(set(grid.get_node_ids()) - self.excluded)
         return RoundPlan(
             server_round=server_round,
             attempt=attempt,
@@ -353,7 +352,7 @@ class RoundStrategy(Strategy):
             group_id=f"{self.name}-round-{server_round}",
             timeout=timeout,
             traffic=traffic,
-            pool=pool,
+            excluded=frozenset(self.excluded),
         )
 
     def round_nodes(

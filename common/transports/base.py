@@ -76,7 +76,7 @@ class RoundPlan:
     group_id: str  # Flower's group id of every message of the attempt
     timeout: float  # seconds to wait for the replies of one exchange
     traffic: Traffic | None = None  # where the round's exchanges are counted
-    pool: Sequence[int] = ()  # every node the run may still use (the sample's population)
+    excluded: frozenset[int] = frozenset()  # nodes the run no longer uses (failed earlier)
 
 
 class RoundSync(ABC):

@@ -27,7 +27,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -253,11 +254,12 @@ class GrpcRound(RoundSync):
 
 class GrpcBlock:
     """An open block of rounds: the service's ``Block`` and the Flower messages that started it
-    (one per member: every node the run may use, sampled or not, for up to R rounds)."""
+    (one per member, for up to R rounds)."""
 
     def __init__(self, transport: GrpcTransport, grid: Grid, plan: RoundPlan, block_id: int):
         self.transport, self.grid, self.id = transport, grid, block_id
-        self.members = sorted(set(plan.pool) | set(plan.nodes))
+        # Every node the run may use, sampled for this round or not.
+        self.members = sorted((set(grid.get_node_ids()) - plan.excluded) | set(plan.nodes))
         settings = TrainSettings.from_config(plan.config)
         self.settings = dataclasses.replace(settings, lr=0.0)  # all but lr hold for the block
         self.rounds, self.next_round, self.timeout = 0, plan.server_round, plan.timeout
@@ -341,7 +343,8 @@ class GrpcBlock:
                 raise (_failure(abort) if abort is not None else _block_failure(problem)) from None
             if (abort := service.close_round(round_id)) is not None:
                 raise _failure(abort)
-            averaged, metrics = average_updates(updates)
+            with _one_torch_thread():
+                averaged, metrics = average_updates(updates)
         except RoundFailure as failure:
             self.transport.end_block(f"round {plan.server_round} failed", failure.culprits)
             raise
@@ -387,6 +390,20 @@ class BlockRound(RoundSync):
 
     def averaged(self) -> tuple[ArrayRecord, MetricRecord]:
         return self.block.run_round(self.plan, self.round_id, self.schedule)
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Torch on one thread meanwhile: averaging a few small states is a few dozen tiny
+    operations, each of which costs milliseconds with intra-op threads on a loaded machine (in a
+    simulation the clients are that load) and microseconds without. Elementwise, so the bits
+    are the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _block_failure(problem: BlockProblem) -> RoundFailure:
