@@ -108,6 +108,13 @@ def main() -> None:
         help="also run each transport deployed: a SuperLink and K SuperNodes on 127.0.0.1",
     )
     parser.add_argument(
+        "--fedavg-floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run FedAvg + BN deployed, the floor the deployed rows are compared with "
+        "(--no-fedavg-floor: skip it, e.g. for many rounds in blocks, which FedAvg cannot run)",
+    )
+    parser.add_argument(
         "--deployment-timeout",
         type=float,
         default=1800.0,
@@ -148,7 +155,9 @@ def main() -> None:
     if args.deployment:
         # FedAvg + BN on the same config: a deployed round with no BN sync at all, the floor a
         # FedTAN round is measured against.
-        deployed = [("Flower deployment, fedavg-bn", {**run_config, "method": "fedavg-bn"})]
+        deployed = []
+        if args.fedavg_floor:
+            deployed.append(("Flower deployment, fedavg-bn", {**run_config, "method": "fedavg-bn"}))
         deployed += [
             (
                 f"Flower deployment, {row_name(t, args)}",
@@ -188,7 +197,7 @@ def main() -> None:
         "BN bytes of the grpc transport travel over the BN sync service, not Flower: "
         "they are not in the columns above."
     )
-    if args.deployment:
+    if args.deployment and args.fedavg_floor:
         floor = next(seconds for name, seconds, _ in rows if name.endswith("fedavg-bn"))
         for name, seconds, _ in rows:
             if name.startswith("Flower deployment, transport="):
