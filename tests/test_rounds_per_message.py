@@ -32,11 +32,15 @@ from client.app import app as client_app
 from common.experiment import task
 from common.experiment.config import RunConfig
 from common.protocol import TRAIN_FEDTAN, TRAIN_FEDTAN_BLOCK
+from common.transports.grpc.block import Block
 from common.transports.grpc.service import BNSyncService, Limits
 from common.transports.grpc.wire import (
     BLOCK_METHOD,
+    NEXT,
+    BlockRequest,
     Caller,
     block_request_size,
+    decode_plan,
     encode_next,
     encode_state,
     encode_upload,
@@ -267,6 +271,18 @@ def test_a_bad_state_is_refused_naming_its_client(tmp_path, monkeypatch, caplog,
     assert [m["clients"] for m in result.train_metrics_clientapp.values()] == [4, 3, 3, 3]
     state = result.arrays.to_torch_state_dict()
     assert all(bool(t.double().isfinite().all()) for t in state.values())
+
+
+def test_a_member_that_missed_a_round_while_not_sampled_gets_the_current_one():
+    """Only the sampled clients' uploads hold the next round back: another member may still be
+    busy when two rounds have been published, and must not fall out of the block for it."""
+    block = Block(1, {"1": "a", "2": "b"}, spec=(), max_examples=1, poll=0.01)
+    for seq in (0, 1):
+        block.publish(seq, ["1"], {"1": b"plan-%d-1" % seq, "2": b"plan-%d-2" % seq})
+    asked = BlockRequest(NEXT, -1, memoryview(b""))  # it last saw no round at all
+    assert block.serve("2", asked) == b"plan-1-2"
+    block.end("done")
+    assert decode_plan(block.serve("2", BlockRequest(NEXT, 1, memoryview(b"")))).message == "done"
 
 
 # --- security: the block's calls go through the service's gate and caps -----------------------

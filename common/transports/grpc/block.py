@@ -191,7 +191,9 @@ class Block:
         return b""
 
     def _next(self, client_id: str, seq: int) -> bytes:
-        """The plan of the round after ``seq``; WAIT if it does not come within ``poll``."""
+        """The plan of the block's current round once it is later than ``seq``; WAIT if none
+        comes within ``poll``. A member that was not sampled may have missed a round while it
+        was busy: it gets the current one, whose plan carries the whole global model."""
         deadline = time.monotonic() + self._poll
         with self._cond:
             while self._ended is None and self._seq <= seq:
@@ -201,12 +203,6 @@ class Block:
                 self._cond.wait(remaining)
             if self._ended is not None:
                 return self._ended
-            if seq != self._seq - 1:
-                raise BlockRefusal(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"block {self.id}: client {client_id!r} asked for the round after {seq}, "
-                    f"the block is at round {self._seq}",
-                )
             return self._plans[client_id]
 
     def _give_up(self, client_id: str, request: BlockRequest) -> None:
