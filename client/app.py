@@ -129,11 +129,13 @@ def train_block(msg: Message, context: Context) -> Message:
     """Every round of a block this client is sampled for, until the service ends the block."""
     config = msg.content.config_records[CONFIG_RECORD]
     settings = TrainSettings.from_config(config)
+    model: nn.Module | None = None  # built for the block's first round, then reloaded
 
     def train_round(plan: Plan, channel: BNChannel) -> RoundResult:
+        nonlocal model
         round_settings = dataclasses.replace(settings, lr=plan.lr)
         model, batches = _model_and_batches(
-            context, plan.state, plan.server_round, round_settings, settings.local_steps
+            context, plan.state, plan.server_round, round_settings, settings.local_steps, model
         )
         return _train_synced(model, batches, round_settings, channel, context)
 
@@ -227,13 +229,23 @@ def _model_and_batches(
     server_round: int,
     settings: TrainSettings,
     local_steps: int,
+    reuse: nn.Module | None = None,
 ) -> tuple[nn.Module, list[Batch]]:
-    """The global model ``state`` (with federated BN) and this client's batches of a round."""
+    """The global model ``state`` (with federated BN) and this client's batches of a round.
+
+    ``reuse``: a model this function returned before, loaded in place (its device and layout
+    stay) instead of building one: a block's rounds save the build, which costs about as much
+    as the model's small steps (the optimizer is fresh each round, and gradients are reset).
+    """
     cfg = RunConfig.from_flower(context.run_config)
     device = task.pick_device(cfg.device)
-    model = convert_federated_batchnorm(task.build_global_model(cfg))
-    model.load_state_dict(state)
-    model = place_model(model, device, cfg.channels_last)
+    if reuse is not None:
+        model = reuse
+        model.load_state_dict(state)
+    else:
+        model = convert_federated_batchnorm(task.build_global_model(cfg))
+        model.load_state_dict(state)
+        model = place_model(model, device, cfg.channels_last)
     partition_id, num_partitions = _partition(context)
     batches = task.client_batches(
         cfg,

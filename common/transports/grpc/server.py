@@ -294,6 +294,8 @@ class GrpcBlock:
         ]
         # Pushed, not waited for: the replies come when the block ends.
         self.message_ids = dict(zip(grid.push_messages(messages), self.members, strict=True))
+        if plan.traffic is not None:
+            plan.traffic.round_trips += 1  # the round that opens a block pays its Flower message
         log(
             INFO,
             "Block %d: %d clients, up to %d rounds",
@@ -348,6 +350,8 @@ class GrpcBlock:
         except RoundFailure as failure:
             self.transport.end_block(f"round {plan.server_round} failed", failure.culprits)
             raise
+        if plan.traffic is not None:  # the model down to every member, and up from the sampled
+            plan.traffic.model_bytes += len(state) * (len(plans) + len(updates))
         if self.rounds == self.transport.rounds_per_message:
             self.transport.end_block("the block's last round is done")
         return ArrayRecord(averaged), MetricRecord(metrics)
