@@ -31,7 +31,12 @@ import client.app as client_module
 from client.app import app as client_app
 from common.experiment import task
 from common.experiment.config import RunConfig
-from common.protocol import TRAIN_FEDTAN, TRAIN_FEDTAN_BLOCK
+from common.protocol import (
+    BN_SYNC_ROOT_CERTIFICATES,
+    CONFIG_RECORD,
+    TRAIN_FEDTAN,
+    TRAIN_FEDTAN_BLOCK,
+)
 from common.transports.grpc.block import Block
 from common.transports.grpc.service import BNSyncService, Limits
 from common.transports.grpc.wire import (
@@ -205,38 +210,49 @@ SILENT_TIMEOUTS = {"reply-timeout": 2.0, "bn-sync-timeout": 2.0}
 SILENCE_S = 4.0
 
 
-def fail_at(monkeypatch, *, node: int, nth: int, fault) -> None:
+def silent_in_the_sync(train):
+    """A wrapper of a client's training: the client never reaches the synced step."""
+    time.sleep(SILENCE_S)
+    return train()
+
+
+def fail_at(monkeypatch, *, node: int, nth: int, fault=None, around=None) -> None:
     """Node ``node``'s ``nth`` trained round (R = 1 or inside a block alike) ends with
-    ``fault`` applied to its result."""
+    ``fault`` applied to its result, or runs inside ``around``."""
     real, count, lock = client_module._train_synced, [0], threading.Lock()
 
     def train(model, batches, settings, channel, context):
-        result = real(model, batches, settings, channel, context)
+        hit = False
         if context.node_id == node:
             with lock:
                 count[0] += 1
                 hit = count[0] == nth
-            if hit:
-                return fault(result)
-        return result
+        if hit and around is not None:
+            return around(lambda: real(model, batches, settings, channel, context))
+        result = real(model, batches, settings, channel, context)
+        return fault(result) if hit and fault is not None else result
 
     monkeypatch.setattr(client_module, "_train_synced", train)
 
 
 @pytest.mark.parametrize(
-    ("fault", "timeouts"),
-    [(raise_error, {}), (go_silent, SILENT_TIMEOUTS)],
-    ids=["raises", "silent"],
+    ("fault", "around", "timeouts"),
+    [
+        (raise_error, None, {}),
+        (go_silent, None, SILENT_TIMEOUTS),
+        (None, silent_in_the_sync, SILENT_TIMEOUTS),
+    ],
+    ids=["raises", "silent-after-the-sync", "silent-in-the-sync"],
 )
 def test_a_client_that_fails_inside_a_block_fails_the_round_which_is_retried_without_it(
-    tmp_path, monkeypatch, caplog, fault, timeouts
+    tmp_path, monkeypatch, caplog, fault, around, timeouts
 ):
     """Round 2 fails in the middle of a block; the retry starts from round 1's model without the
     culprit, exactly as with a message per round."""
     caplog.set_level(logging.INFO)
-    fail_at(monkeypatch, node=1001, nth=2, fault=fault)
+    fail_at(monkeypatch, node=1001, nth=2, fault=fault, around=around)
     per_round, _ = run(tmp_path / "r1", **timeouts)
-    fail_at(monkeypatch, node=1001, nth=2, fault=fault)
+    fail_at(monkeypatch, node=1001, nth=2, fault=fault, around=around)
     caplog.clear()
     blocks, _ = run(tmp_path / "r3", **timeouts, **{"rounds-per-message": 3})
 
@@ -286,6 +302,26 @@ def test_a_member_that_missed_a_round_while_not_sampled_gets_the_current_one():
 
 
 # --- security: the block's calls go through the service's gate and caps -----------------------
+
+
+def test_a_block_runs_over_tls_when_configured(tmp_path):
+    from tests.certs import make_certs
+
+    certs = tmp_path / "certs"
+    make_certs(certs)
+    tls = {
+        "bn-sync-certfile": str(certs / "server.pem"),
+        "bn-sync-keyfile": str(certs / "server.key"),
+        "bn-sync-ca-certfile": str(certs / "ca.pem"),
+    }
+    result, grid = run(tmp_path / "out", **tls, **{"rounds-per-message": 3, "num-rounds": 3})
+    blocks = [m for m in grid.sent if m.metadata.message_type == TRAIN_FEDTAN_BLOCK]
+    assert len(blocks) == BASE["num-clients"]
+    for message in blocks:
+        config = message.content.config_records[CONFIG_RECORD]
+        assert "BEGIN CERTIFICATE" in config[BN_SYNC_ROOT_CERTIFICATES]
+    cfg = RunConfig.from_flower({**BASE, "num-rounds": 3})
+    assert_is_the_in_process_model(result.arrays.to_torch_state_dict(), cfg, BASE["num-clients"])
 
 
 def test_block_calls_need_the_blocks_credential_and_fit_the_models_size(tmp_path):
