@@ -11,6 +11,10 @@ numbered by ``seq`` so that the service can refuse duplicates and out-of-step ca
 
 Leaving the ``with`` block by an exception tells the service that this client gives up, so that
 the other clients of the round are released at once instead of after the service's timeout.
+
+With run config ``rounds-per-message`` > 1, a ``GrpcBlockChannel`` lives for a block of rounds
+(block.py): ``run_block`` asks it for each round's plan, trains the rounds this client is
+sampled for over a ``GrpcBNChannel`` on the block's connection, and uploads the results.
 """
 
 from __future__ import annotations
