@@ -263,6 +263,37 @@ def test_a_client_that_fails_inside_a_block_fails_the_round_which_is_retried_wit
     assert summary(tmp_path / "r3")["status"] == "completed"
 
 
+def test_a_round_the_server_rejects_after_the_average_is_retried_in_a_new_block(
+    tmp_path, monkeypatch, caplog
+):
+    """The strategy may still fail a round the block has averaged (a non-finite test loss): the
+    retry starts from the last good model, as with a message per round."""
+    real = task.evaluate
+
+    def nan_once_at_call(n):
+        calls = [0]
+
+        def evaluate(model, cfg, *args, **kwargs):
+            calls[0] += 1
+            metrics = real(model, cfg, *args, **kwargs)
+            return {**metrics, "test-loss": math.nan} if calls[0] == n else metrics
+
+        return evaluate
+
+    monkeypatch.setattr(task, "evaluate", nan_once_at_call(3))  # rounds 0 and 1, then 2
+    per_round, _ = run(tmp_path / "r1")
+    monkeypatch.setattr(task, "evaluate", nan_once_at_call(3))
+    caplog.clear()
+    blocks, grid = run(tmp_path / "r3", **{"rounds-per-message": 3})
+
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert any("Round 2 (attempt 1) failed" in f and "test loss is nan" in f for f in failures)
+    # A block for rounds 1-2 (round 2 rejected), a new one for the retry of round 2 and 3-4.
+    assert message_types(grid).count(TRAIN_FEDTAN_BLOCK) == 2 * BASE["num-clients"]
+    assert_same_state(blocks.arrays.to_torch_state_dict(), per_round.arrays.to_torch_state_dict())
+    assert summary(tmp_path / "r3")["status"] == "completed"
+
+
 @pytest.mark.parametrize(
     ("fault", "named"),
     [
