@@ -115,6 +115,15 @@ def main() -> None:
         "(--no-fedavg-floor: skip it, e.g. for many rounds in blocks, which FedAvg cannot run)",
     )
     parser.add_argument(
+        "--client-threads",
+        type=int,
+        default=None,
+        help="deployed: OMP_NUM_THREADS of the SuperLink, the SuperNodes and their apps "
+        "(default: torch's own, every core each); 1 is what Ray gives each simulated client, "
+        "and what K clients sharing a small machine need (their threads otherwise contend at "
+        "every BN sync)",
+    )
+    parser.add_argument(
         "--deployment-timeout",
         type=float,
         default=1800.0,
@@ -170,7 +179,9 @@ def main() -> None:
                 timeout = max(float(config["bn-sync-timeout"]), DEPLOYMENT_BN_SYNC_TIMEOUT)
                 config["bn-sync-timeout"] = timeout
             try:
-                seconds, costs = deployment_seconds(config, args.clients, args.deployment_timeout)
+                seconds, costs = deployment_seconds(
+                    config, args.clients, args.deployment_timeout, args.client_threads
+                )
             except Exception as error:  # noqa: BLE001 - reported, the other rows still print
                 print(f"{name} failed: {error}", file=sys.stderr)
                 failed.append(name)
@@ -284,14 +295,17 @@ def simulation_seconds(
 
 
 def deployment_seconds(
-    run_config: dict, clients: int, timeout: float
+    run_config: dict, clients: int, timeout: float, client_threads: int | None = None
 ) -> tuple[float, dict[str, float]]:
-    """Run ``run_config`` on a SuperLink and ``clients`` SuperNodes on 127.0.0.1; its costs."""
+    """Run ``run_config`` on a SuperLink and ``clients`` SuperNodes on 127.0.0.1; its costs.
+    ``client_threads``: OMP_NUM_THREADS of every deployed process (the apps inherit it)."""
     deadline = Deadline(timeout)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         out, log_dir = tmp / "out", tmp / "logs"
         env = flower_env(tmp / "flwr-home")
+        if client_threads is not None:
+            env = {**env, "OMP_NUM_THREADS": str(client_threads)}
         run_toml = write_run_config(tmp / "run.toml", {**run_config, "output-dir": str(out)})
         procs: list[ManagedProcess] = []
         try:
