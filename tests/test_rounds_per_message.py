@@ -31,6 +31,7 @@ import client.app as client_module
 from client.app import app as client_app
 from common.experiment import task
 from common.experiment.config import RunConfig
+from common.fedtan.bn_channel import BNSyncError
 from common.protocol import (
     BN_SYNC_ROOT_CERTIFICATES,
     CONFIG_RECORD,
@@ -46,10 +47,12 @@ from common.transports.grpc.wire import (
     Caller,
     block_request_size,
     decode_plan,
+    decode_state,
     encode_next,
     encode_state,
     encode_upload,
     plan_size,
+    state_size,
     state_spec,
 )
 from server.checkpoint import load_state_dict, read_checkpoint
@@ -353,6 +356,27 @@ def test_a_block_runs_over_tls_when_configured(tmp_path):
         assert "BEGIN CERTIFICATE" in config[BN_SYNC_ROOT_CERTIFICATES]
     cfg = RunConfig.from_flower({**BASE, "num-rounds": 3})
     assert_is_the_in_process_model(result.arrays.to_torch_state_dict(), cfg, BASE["num-clients"])
+
+
+def test_a_state_frame_is_exact_or_refused():
+    """A state travels as itself (every dtype a model holds, bit for bit), and any truncated or
+    padded frame is refused before anything is allocated from its claims."""
+    state = {
+        "w": torch.randn(3, 4),
+        "half": torch.randn(5).half(),
+        "brain": torch.randn(2).bfloat16(),
+        "double": torch.randn(2, dtype=torch.float64),
+        "count": torch.tensor(7),
+        "mask": torch.tensor([True, False]),
+    }
+    frame = encode_state(state)
+    assert len(frame) == state_size(state_spec(state))
+    assert_same_state(decode_state(frame, state_spec(state)), state)
+    for cut in range(len(frame)):
+        with pytest.raises(BNSyncError):
+            decode_state(frame[:cut])
+    with pytest.raises(BNSyncError, match="trailing bytes"):
+        decode_state(frame + b"\0")
 
 
 def test_block_calls_need_the_blocks_credential_and_fit_the_models_size(tmp_path):
