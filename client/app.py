@@ -11,6 +11,9 @@ Message types (``common/protocol.py``; the server's side is ``common/transports/
 * ``query.partition``: which data partition this node trains on (the server's canonical order).
 * ``train.fedtan``: take the synced step (its statistics replayed from the message, or live over
   the BN sync service) and E-1 local steps; reply with the new model and the samples trained on.
+* ``train.fedtan_block`` (transport "grpc", ``rounds-per-message`` > 1): join a block of rounds
+  on the BN sync service and train every round it is sampled for, each like ``train.fedtan``,
+  the model coming from and going to the service (``common/transports/grpc/block.py``).
 * ``train.local`` / ``evaluate.local``: the baselines' plain local training and client-side
   evaluation (``client/baselines.py``).
 
@@ -21,10 +24,13 @@ message (``protocol.TrainSettings``), the experiment's (data, model) from the ru
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from torch import nn
+from torch import Tensor, nn
 
 from client import baselines
 from common.experiment import task
@@ -54,11 +60,18 @@ from common.protocol import (
     SYNC_INDEX,
     SYNC_LAYER,
     TRAIN_FEDTAN,
+    TRAIN_FEDTAN_BLOCK,
     TRAIN_LOCAL,
     TRAIN_LOSS,
     TrainSettings,
 )
-from common.transports.grpc.client import GrpcBNChannel
+from common.transports.grpc.client import (
+    GrpcBlockChannel,
+    GrpcBNChannel,
+    RoundResult,
+    run_block,
+)
+from common.transports.grpc.wire import Plan
 from common.transports.inprocess import InProcessBNChannel
 from common.transports.messages.client import ReplayChannel, capture_local_stats
 from common.transports.messages.records import UnionStats, local_stats_record
@@ -114,27 +127,65 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records[CONFIG_RECORD]
     settings = TrainSettings.from_config(config)
     model, batches = _round_model_and_batches(msg, context, settings, settings.local_steps)
-    cfg = RunConfig.from_flower(context.run_config)
     with _synced_step_channel(msg, context) as channel:
-        losses = train_client(
-            model,
-            batches,
-            task.loss_fn,
-            channel=channel,
-            lr=settings.lr,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-            autocast_dtype=PRECISIONS[cfg.precision],
-        )
+        result = _train_synced(model, batches, settings, channel, context)
     metrics = {
-        NUM_EXAMPLES: sum(len(targets) for _, targets in batches),
-        TRAIN_LOSS: losses[0],  # the synced step's loss: the union loss's share of this client
-        PARTITION_ID: _partition(context)[0],
+        NUM_EXAMPLES: result.num_examples,
+        TRAIN_LOSS: result.train_loss,
+        PARTITION_ID: result.partition_id,
     }
     content = RecordDict(
-        {MODEL_RECORD: ArrayRecord(contiguous_state(model)), METRICS_RECORD: MetricRecord(metrics)}
+        {MODEL_RECORD: ArrayRecord(dict(result.state)), METRICS_RECORD: MetricRecord(metrics)}
     )
     return Message(content, reply_to=msg)
+
+
+@app.train(TRAIN_FEDTAN_BLOCK.action)
+def train_block(msg: Message, context: Context) -> Message:
+    """Every round of a block this client is sampled for, until the service ends the block."""
+    config = msg.content.config_records[CONFIG_RECORD]
+    settings = TrainSettings.from_config(config)
+    model: nn.Module | None = None  # built for the block's first round, then reloaded
+
+    def train_round(plan: Plan, channel: BNChannel) -> RoundResult:
+        nonlocal model
+        round_settings = dataclasses.replace(settings, lr=plan.lr)
+        model, batches = _model_and_batches(
+            context, plan.state, plan.server_round, round_settings, settings.local_steps, model
+        )
+        return _train_synced(model, batches, round_settings, channel, context)
+
+    with GrpcBlockChannel.from_block_config(
+        config, str(context.node_id), context.node_config
+    ) as block:
+        rounds = run_block(block, train_round)
+    return Message(RecordDict({METRICS_RECORD: MetricRecord({"rounds": rounds})}), reply_to=msg)
+
+
+def _train_synced(
+    model: nn.Module,
+    batches: list[Batch],
+    settings: TrainSettings,
+    channel: BNChannel,
+    context: Context,
+) -> RoundResult:
+    """The synced step over ``channel`` and E-1 local steps; the model and what it trained on."""
+    losses = train_client(
+        model,
+        batches,
+        task.loss_fn,
+        channel=channel,
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        autocast_dtype=PRECISIONS[RunConfig.from_flower(context.run_config).precision],
+    )
+    return RoundResult(
+        state=contiguous_state(model),
+        num_examples=sum(len(targets) for _, targets in batches),
+        train_loss=losses[0],  # the synced step's loss: the union loss's share of this client
+        partition_id=_partition(context)[0],
+    )
 
 
 def _synced_step_channel(msg: Message, context: Context) -> BNChannel:
@@ -187,12 +238,33 @@ def _round_model_and_batches(
             f"round {cached_round}): stale message, or the round's first message "
             "was lost"
         )
+    state = context.state.array_records[ROUND_MODEL_STATE].to_torch_state_dict()
+    return _model_and_batches(context, state, server_round, settings, local_steps)
 
+
+def _model_and_batches(
+    context: Context,
+    state: Mapping[str, Tensor],
+    server_round: int,
+    settings: TrainSettings,
+    local_steps: int,
+    reuse: nn.Module | None = None,
+) -> tuple[nn.Module, list[Batch]]:
+    """The global model ``state`` (with federated BN) and this client's batches of a round.
+
+    ``reuse``: a model this function returned before, loaded in place (its device and layout
+    stay) instead of building one: a block's rounds save the build, which costs about as much
+    as the model's small steps (the optimizer is fresh each round, and gradients are reset).
+    """
     cfg = RunConfig.from_flower(context.run_config)
     device = task.pick_device(cfg.device)
-    model = convert_federated_batchnorm(task.build_global_model(cfg))
-    model.load_state_dict(context.state.array_records[ROUND_MODEL_STATE].to_torch_state_dict())
-    model = place_model(model, device, cfg.channels_last)
+    if reuse is not None:
+        model = reuse
+        model.load_state_dict(state)
+    else:
+        model = convert_federated_batchnorm(task.build_global_model(cfg))
+        model.load_state_dict(state)
+        model = place_model(model, device, cfg.channels_last)
     partition_id, num_partitions = _partition(context)
     batches = task.client_batches(
         cfg,

@@ -44,6 +44,7 @@ QUERY_BN_FORWARD = MessageType("query.bn_forward")  # transport "messages": a la
 QUERY_BN_BACKWARD = MessageType("query.bn_backward")  # ... and its gradient sums
 QUERY_BN_SYNC_PREFLIGHT = MessageType("query.bn_sync_preflight")  # transport "grpc", round 0
 QUERY_PARTITION = MessageType("query.partition")  # which data partition a node trains on
+TRAIN_FEDTAN_BLOCK = MessageType("train.fedtan_block")  # transport "grpc": rounds-per-message > 1
 
 # --- record keys of a message's RecordDict ---------------------------------------------------
 CONFIG_RECORD = "config"  # ConfigRecord: the round's settings (keys below)
@@ -71,6 +72,8 @@ BN_SYNC_CREDENTIAL = "bn-sync-credential"  # this client's credential, for this 
 BN_SYNC_ROOT_CERTIFICATES = "bn-sync-root-certificates"  # PEM; empty: no TLS
 BN_SYNC_TIMEOUT = "bn-sync-timeout"  # seconds the client waits for one exchange
 BN_SYNC_HUB = "bn-sync-hub"  # transport "inprocess": the key of the attempt's hub
+BN_SYNC_BLOCK = "bn-sync-block"  # a block of rounds: its id on the service (train.fedtan_block)
+BN_SYNC_BLOCK_WAIT = "bn-sync-block-wait"  # seconds a block member waits for the next round
 
 # --- keys of the metrics record --------------------------------------------------------------
 NUM_EXAMPLES = "num-examples"

@@ -13,7 +13,10 @@ run on the CPU (Ray hides the GPU from actors without a share). On CUDA the in-p
 reads follow ``torch.cuda.synchronize()``.
 
 Rounds after the first are timed (the first pays for process start-up and imports); evaluation
-only runs after the last round, which is excluded too.
+only runs after the last round, which is excluded too. ``s/round`` is the median of those rounds,
+``mean`` their mean: with ``--rounds-per-message R`` (R rounds per Flower message, for the grpc
+rows) a block's first and last rounds carry its Flower message and reply, so the mean, which
+includes them, is the figure to compare.
 
 With ``--deployment`` it also runs the same config deployed, as FedAvg + BN (the floor: a round
 with no BN sync) and for each transport, and prints each FedTAN row against FedAvg + BN: one
@@ -81,6 +84,12 @@ def main() -> None:
         help="simulated (and deployed) transports; none: the in-process row only",
     )
     parser.add_argument(
+        "--rounds-per-message",
+        type=int,
+        default=1,
+        help="run config rounds-per-message of the grpc rows (R > 1: blocks of R rounds)",
+    )
+    parser.add_argument(
         "--project",
         type=int,
         default=10_000,
@@ -97,6 +106,22 @@ def main() -> None:
         "--deployment",
         action="store_true",
         help="also run each transport deployed: a SuperLink and K SuperNodes on 127.0.0.1",
+    )
+    parser.add_argument(
+        "--fedavg-floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run FedAvg + BN deployed, the floor the deployed rows are compared with "
+        "(--no-fedavg-floor: skip it, e.g. for many rounds in blocks, which FedAvg cannot run)",
+    )
+    parser.add_argument(
+        "--client-threads",
+        type=int,
+        default=None,
+        help="deployed: OMP_NUM_THREADS of the SuperLink, the SuperNodes and their apps "
+        "(default: torch's own, every core each); 1 is what Ray gives each simulated client, "
+        "and what K clients sharing a small machine need (their threads otherwise contend at "
+        "every BN sync)",
     )
     parser.add_argument(
         "--deployment-timeout",
@@ -126,20 +151,27 @@ def main() -> None:
         parser.error("--gpus-per-client > 0 needs a GPU, and torch sees none")
     run_config["device"] = device.type
     cfg = RunConfig.from_flower(run_config)
-    seconds, peak = in_process_seconds(cfg, device)
-    rows = [(f"in-process engine ({device})", seconds, {})]
+    seconds, mean, peak = in_process_seconds(cfg, device)
+    rows = [(f"in-process engine ({device})", seconds, {"mean": mean})]
     for transport in args.transports:
         seconds, costs = simulation_seconds(
-            {**run_config, "transport": transport}, args.clients, args.gpus_per_client
+            transport_config(run_config, transport, args.rounds_per_message),
+            args.clients,
+            args.gpus_per_client,
         )
-        rows.append((f"Flower simulation, transport={transport}", seconds, costs))
+        rows.append((f"Flower simulation, {row_name(transport, args)}", seconds, costs))
     failed = []
     if args.deployment:
         # FedAvg + BN on the same config: a deployed round with no BN sync at all, the floor a
         # FedTAN round is measured against.
-        deployed = [("Flower deployment, fedavg-bn", {**run_config, "method": "fedavg-bn"})]
+        deployed = []
+        if args.fedavg_floor:
+            deployed.append(("Flower deployment, fedavg-bn", {**run_config, "method": "fedavg-bn"}))
         deployed += [
-            (f"Flower deployment, transport={t}", {**run_config, "transport": t})
+            (
+                f"Flower deployment, {row_name(t, args)}",
+                transport_config(run_config, t, args.rounds_per_message),
+            )
             for t in args.transports
         ]
         for name, config in deployed:
@@ -147,25 +179,28 @@ def main() -> None:
                 timeout = max(float(config["bn-sync-timeout"]), DEPLOYMENT_BN_SYNC_TIMEOUT)
                 config["bn-sync-timeout"] = timeout
             try:
-                seconds, costs = deployment_seconds(config, args.clients, args.deployment_timeout)
+                seconds, costs = deployment_seconds(
+                    config, args.clients, args.deployment_timeout, args.client_threads
+                )
             except Exception as error:  # noqa: BLE001 - reported, the other rows still print
                 print(f"{name} failed: {error}", file=sys.stderr)
                 failed.append(name)
                 seconds, costs = float("nan"), {}
             rows.append((name, seconds, costs))
 
-    base = rows[0][1]
+    base, base_mean = rows[0][1], rows[0][2]["mean"]
     print(
         f"\n{args.clients} clients, {args.model} on {args.dataset}, batch {args.batch}, "
-        f"E={args.local_steps}; median of rounds 2..{args.rounds - 1}"
+        f"E={args.local_steps}; median and mean of rounds 2..{args.rounds - 1}"
     )
     print(
-        f"{'mode':42} {'s/round':>9} {'ratio':>7} {'trips':>6} {'BN up B':>9} "
-        f"{'BN down B':>10} {'model B':>10}"
+        f"{'mode':60} {'s/round':>9} {'ratio':>7} {'mean':>7} {'ratio':>7} {'trips':>6} "
+        f"{'BN up B':>9} {'BN down B':>10} {'model B':>10}"
     )
     for name, seconds, cost in rows:
+        mean = cost.get("mean", float("nan"))
         print(
-            f"{name:42} {seconds:9.3f} {seconds / base:7.2f} "
+            f"{name:60} {seconds:9.3f} {seconds / base:7.2f} {mean:7.3f} {mean / base_mean:7.2f} "
             f"{cost.get('round_trips', 0):6.0f} {cost.get('bn_bytes_up', 0):9.0f} "
             f"{cost.get('bn_bytes_down', 0):10.0f} {cost.get('model_bytes', 0):10.0f}"
         )
@@ -173,7 +208,7 @@ def main() -> None:
         "BN bytes of the grpc transport travel over the BN sync service, not Flower: "
         "they are not in the columns above."
     )
-    if args.deployment:
+    if args.deployment and args.fedavg_floor:
         floor = next(seconds for name, seconds, _ in rows if name.endswith("fedavg-bn"))
         for name, seconds, _ in rows:
             if name.startswith("Flower deployment, transport="):
@@ -183,16 +218,28 @@ def main() -> None:
     if args.project:
         print(f"projected wall time of {args.project} rounds (s/round x {args.project}):")
         for name, seconds, _ in rows:
-            print(f"  {name:42} {seconds * args.project / 3600:8.2f} h")
+            print(f"  {name:60} {seconds * args.project / 3600:8.2f} h")
     if args.deployment and "grpc" in args.transports:
         print_channel_latency(RunConfig.from_flower(run_config), args.clients)
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 
 
-def in_process_seconds(cfg: RunConfig, device: torch.device) -> tuple[float, int | None]:
-    """Seconds per round of the in-process engine, its clients on ``device`` like the app's,
-    and its peak CUDA memory in bytes (None on the CPU)."""
+def transport_config(run_config: dict, transport: str, rounds_per_message: int) -> dict:
+    """``run_config`` with ``transport``; blocks of rounds for grpc (the only one that has them)."""
+    blocks = rounds_per_message if transport == "grpc" else 1
+    return {**run_config, "transport": transport, "rounds-per-message": blocks}
+
+
+def row_name(transport: str, args: argparse.Namespace) -> str:
+    if transport == "grpc" and args.rounds_per_message > 1:
+        return f"transport=grpc, rounds-per-message={args.rounds_per_message}"
+    return f"transport={transport}"
+
+
+def in_process_seconds(cfg: RunConfig, device: torch.device) -> tuple[float, float, int | None]:
+    """Seconds per round of the in-process engine (median and mean, as ``timed_rounds``), its
+    clients on ``device`` like the app's, and its peak CUDA memory in bytes (None on the CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = task.build_global_model(cfg).to(device)
@@ -209,7 +256,7 @@ def in_process_seconds(cfg: RunConfig, device: torch.device) -> tuple[float, int
         _synchronize(device)
         times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return statistics.median(times[1:-1]), peak
+    return statistics.median(times[1:-1]), statistics.mean(times[1:-1]), peak
 
 
 def _synchronize(device: torch.device) -> None:
@@ -248,14 +295,17 @@ def simulation_seconds(
 
 
 def deployment_seconds(
-    run_config: dict, clients: int, timeout: float
+    run_config: dict, clients: int, timeout: float, client_threads: int | None = None
 ) -> tuple[float, dict[str, float]]:
-    """Run ``run_config`` on a SuperLink and ``clients`` SuperNodes on 127.0.0.1; its costs."""
+    """Run ``run_config`` on a SuperLink and ``clients`` SuperNodes on 127.0.0.1; its costs.
+    ``client_threads``: OMP_NUM_THREADS of every deployed process (the apps inherit it)."""
     deadline = Deadline(timeout)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         out, log_dir = tmp / "out", tmp / "logs"
         env = flower_env(tmp / "flwr-home")
+        if client_threads is not None:
+            env = {**env, "OMP_NUM_THREADS": str(client_threads)}
         run_toml = write_run_config(tmp / "run.toml", {**run_config, "output-dir": str(out)})
         procs: list[ManagedProcess] = []
         try:
@@ -285,11 +335,13 @@ def deployment_seconds(
 
 
 def timed_rounds(metrics_csv: Path) -> tuple[float, dict[str, float]]:
-    """Median seconds and costs per round, of the rounds after the first, without the last."""
+    """Median seconds and costs per round, of the rounds after the first, without the last; and
+    (``mean``) the mean seconds of those rounds."""
     with open(metrics_csv) as f:
         rows = list(csv.DictReader(f))[1:-1]
     keys = ("seconds", "round_trips", "bn_bytes_up", "bn_bytes_down", "model_bytes")
     cost = {k: statistics.median(float(row[k]) for row in rows) for k in keys}
+    cost["mean"] = statistics.mean(float(row["seconds"]) for row in rows)
     return cost.pop("seconds"), cost
 
 

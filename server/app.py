@@ -22,6 +22,7 @@ from common.protocol import TrainSettings
 from common.transports.base import Transport
 from common.transports.grpc.server import GrpcTransport, trace_sync_shape
 from common.transports.grpc.service import SyncShape
+from common.transports.grpc.wire import StateSpec, state_spec
 from common.transports.inprocess import InProcessTransport
 from common.transports.messages.server import MessagesTransport, SyncPoints
 from server.baselines import baseline_strategy
@@ -80,7 +81,10 @@ def _run(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> tuple[Result, str
         inputs, targets = task.example_batch(cfg)
         sync_points = trace_sync_points(model, inputs, targets, task.loss_fn)
         transport = make_transport(
-            cfg, sync_points, lambda: trace_sync_shape(model, inputs, targets, task.loss_fn)
+            cfg,
+            sync_points,
+            lambda: trace_sync_shape(model, inputs, targets, task.loss_fn),
+            state_spec(model.state_dict()),
         )
         strategy: RoundStrategy = FedTAN(sync_points=sync_points, transport=transport, **loop)
     else:
@@ -123,15 +127,23 @@ def _run(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> tuple[Result, str
 
 
 def make_transport(
-    cfg: RunConfig, sync_points: SyncPoints, sync_shape: Callable[[], SyncShape]
+    cfg: RunConfig,
+    sync_points: SyncPoints,
+    sync_shape: Callable[[], SyncShape],
+    model_state: StateSpec = (),
 ) -> Transport:
     """The transport run config ``transport`` names (its choices: ``common.transports.NAMES``).
 
     ``sync_shape``: traces the step's exchanges with their shapes, for a transport that checks
-    the clients' numbers against them (grpc)."""
+    the clients' numbers against them (grpc); ``model_state``: the global model's entries, what
+    the clients of a block of rounds upload (grpc, ``rounds-per-message`` > 1)."""
     if cfg.transport == "grpc":
         return GrpcTransport(
-            cfg, shape=sync_shape(), max_clients=cfg.num_clients, max_retries=cfg.max_retries
+            cfg,
+            shape=sync_shape(),
+            max_clients=cfg.num_clients,
+            max_retries=cfg.max_retries,
+            state=model_state,
         )
     if cfg.transport == "messages":
         return MessagesTransport(sync_points)

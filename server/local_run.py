@@ -19,7 +19,7 @@ import copy
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -58,7 +58,10 @@ def run_locally(
         client_app, num_nodes or cfg.num_clients, run_config, faults, concurrency, node_ids
     )
     with flower_in_this_process():
-        return run_fedtan(grid, cfg), grid
+        try:
+            return run_fedtan(grid, cfg), grid
+        finally:
+            grid.join()  # no node thread outlives the run
 
 
 @contextmanager
@@ -120,13 +123,15 @@ class LocalGrid(Grid):
         self.concurrency = concurrency  # nodes working at once (Ray actors); None: all
         self.sent: list[Message] = []
         self._ids = itertools.count()
-        self._replies: dict[str, Message] = {}  # by the id of the message they answer
+        self._replies: dict[str, Future[Message | None]] = {}  # by the id of what they answer
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Deliver ``messages``; their replies wait for ``pull_messages``."""
+        """Deliver ``messages`` and return at once, as Flower's grid does (a block of rounds
+        needs that: its clients run while the server goes on); replies wait for
+        ``pull_messages``."""
         batch = []
         for msg in messages:
             msg = copy.deepcopy(msg)  # as if it crossed the network
@@ -134,20 +139,28 @@ class LocalGrid(Grid):
             self.sent.append(msg)
             batch.append(msg)
         # Nodes work at the same time, as SuperNodes do (the gRPC transport relies on it).
-        with ThreadPoolExecutor(max_workers=self.concurrency or max(1, len(batch))) as pool:
-            replies = list(pool.map(self._handle, batch))
-        for msg, reply in zip(batch, replies, strict=True):
-            if reply is not None:
-                self._replies[msg.metadata.message_id] = reply
+        pool = ThreadPoolExecutor(max_workers=self.concurrency or max(1, len(batch)))
+        for msg in batch:
+            self._replies[msg.metadata.message_id] = pool.submit(self._handle, msg)
+        pool.shutdown(wait=False)  # its threads end with their messages
         return [msg.metadata.message_id for msg in batch]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+        """The replies that have arrived (a dropped one never does)."""
+        done = [i for i in list(message_ids) if i in self._replies and self._replies[i].done()]
+        replies = [self._replies.pop(i).result() for i in done]
+        return [reply for reply in replies if reply is not None]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        ids = list(self.push_messages(messages))
+        wait([self._replies[i] for i in ids], timeout=timeout)
+        return self.pull_messages(ids)
+
+    def join(self) -> None:
+        """Wait until every node has handled every message pushed to it."""
+        wait(list(self._replies.values()))
 
     def _handle(self, msg: Message) -> Message | None:
         node = msg.metadata.dst_node_id

@@ -23,7 +23,6 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from common.fedtan.aggregation import average_states, weighted_mean
 from common.protocol import (
     CONFIG_RECORD,
     EVALUATE_LOCAL,
@@ -40,6 +39,7 @@ from common.protocol import (
     TRAIN_LOCAL,
     TRAIN_LOSS,
 )
+from common.transports.averaging import ClientUpdate, average_updates
 from common.transports.base import (
     DirectRound,
     FailureKind,
@@ -138,43 +138,32 @@ class RoundStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord, MetricRecord]:
         """Sample-weighted average of the clients' whole model states, dtypes preserved, added
-        in the clients' partition order (the same sums in every run)."""
-        replies = sorted(replies, key=lambda reply: self.order_key(reply.metadata.src_node_id))
-        weights, states, losses = [], [], []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            try:
-                metrics = reply.content.metric_records[METRICS_RECORD]
-                weights.append(float(metrics[NUM_EXAMPLES]))
-                losses.append(float(metrics[TRAIN_LOSS]))
-                states.append(reply.content.array_records[MODEL_RECORD].to_torch_state_dict())
-            except (KeyError, TypeError, ValueError) as error:
-                raise RoundFailure(
-                    f"node {node}: malformed train reply ({error!r})", FailureKind.BAD_REPLY, {node}
-                ) from None
-            if not weights[-1] > 0:
-                raise RoundFailure(
-                    f"node {node}: {NUM_EXAMPLES} must be > 0", FailureKind.BAD_REPLY, {node}
-                )
+        in the clients' partition order (the same sums in every run, and in a block of rounds:
+        ``common/transports/averaging.py``)."""
+        updates = [self._client_update(reply) for reply in replies]
+        averaged, metrics = average_updates(updates)
+        return ArrayRecord(averaged), MetricRecord(metrics)
+
+    def _client_update(self, reply: Message) -> ClientUpdate:
+        node = reply.metadata.src_node_id
         try:
-            averaged = average_states(states, weights)
-        except ValueError as error:  # keys or shapes that do not match the others
+            metrics = reply.content.metric_records[METRICS_RECORD]
+            update = ClientUpdate(
+                node=node,
+                partition_id=int(metrics.get(PARTITION_ID, self.partitions.get(node, -1))),
+                num_examples=int(metrics[NUM_EXAMPLES]),
+                train_loss=float(metrics[TRAIN_LOSS]),
+                state=reply.content.array_records[MODEL_RECORD].to_torch_state_dict(),
+            )
+        except (KeyError, TypeError, ValueError) as error:
             raise RoundFailure(
-                f"cannot average the clients' models: {error}", FailureKind.DISAGREEMENT
-            ) from error
-        for key, tensor in averaged.items():
-            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
-                raise RoundFailure(
-                    f"the averaged model has non-finite values in {key!r}", FailureKind.DISAGREEMENT
-                )
-        metrics = MetricRecord(
-            {
-                TRAIN_LOSS: weighted_mean(losses, weights),
-                NUM_EXAMPLES: int(sum(weights)),
-                "clients": len(replies),
-            }
-        )
-        return ArrayRecord(averaged), metrics
+                f"node {node}: malformed train reply ({error!r})", FailureKind.BAD_REPLY, {node}
+            ) from None
+        if not update.num_examples > 0:
+            raise RoundFailure(
+                f"node {node}: {NUM_EXAMPLES} must be > 0", FailureKind.BAD_REPLY, {node}
+            )
+        return update
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -410,6 +399,8 @@ class RoundStrategy(Strategy):
             group_id=f"{self.name}-round-{server_round}",
             timeout=timeout,
             traffic=traffic,
+            excluded=frozenset(self.excluded)
+            | {n for n, p in self.partitions.items() if p in self.excluded_partitions},
         )
 
     def round_nodes(
@@ -437,16 +428,20 @@ class RoundStrategy(Strategy):
         """One attempt at a round: train messages out, replies averaged into ``arrays``."""
         sync = self.open_sync(grid, plan)
         try:
-            replies = exchange(
-                grid, sync.train_messages(), timeout=plan.timeout, traffic=plan.traffic
-            )
+            outcome = sync.averaged()  # a transport that averaged the round itself
+            if outcome is None:
+                replies = exchange(
+                    grid, sync.train_messages(), timeout=plan.timeout, traffic=plan.traffic
+                )
             sync.finish()
         except RoundFailure as failure:
-            if (outcome := sync.abort(failure)) is failure:
+            if (reported := sync.abort(failure)) is failure:
                 raise
-            raise outcome from failure
-        _check_reply_models(replies, expected=frozenset(plan.arrays.keys()))
-        averaged, metrics = self.aggregate_train(plan.server_round, replies.values())
+            raise reported from failure
+        if outcome is None:
+            _check_reply_models(replies, expected=frozenset(plan.arrays.keys()))
+            outcome = self.aggregate_train(plan.server_round, replies.values())
+        averaged, metrics = outcome
         merged = ArrayRecord()
         for key, array in arrays.items():  # the clients' own entries keep the server's value
             merged[key] = averaged[key] if key in averaged else array

@@ -83,6 +83,9 @@ class RunConfig:
     overwrite: bool = False
     checkpoint_interval: int = 0
     checkpoint_keep: int = 3
+    # transport = "grpc", method = "fedtan": R rounds per Flower train message (a block); inside
+    # a block the BN sync service also averages the states (common/transports/grpc/block.py).
+    rounds_per_message: int = 1
     milestones: tuple[int, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,7 +93,14 @@ class RunConfig:
             value = getattr(self, key.replace("-", "_"))
             if value not in allowed:
                 raise ValueError(f"run config '{key}': {value!r} is not one of {list(allowed)}")
-        positive = ("batch_size", "local_steps", "num_rounds", "eval_interval", "num_clients")
+        positive = (
+            "batch_size",
+            "local_steps",
+            "num_rounds",
+            "eval_interval",
+            "num_clients",
+            "rounds_per_message",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(
@@ -131,6 +141,12 @@ class RunConfig:
         if self.transport != "messages" and self.method != "fedtan":
             raise ValueError(
                 f"run config 'transport' {self.transport!r} applies to method 'fedtan' only"
+            )
+        if self.rounds_per_message > 1 and (self.method, self.transport) != ("fedtan", "grpc"):
+            raise ValueError(
+                f"run config 'rounds-per-message' = {self.rounds_per_message} needs method "
+                f"'fedtan' and transport 'grpc' (the BN sync service runs the block's rounds), "
+                f"got method {self.method!r} and transport {self.transport!r}"
             )
         if self.fixbn_switch_round > self.num_rounds:
             raise ValueError(

@@ -10,6 +10,10 @@ strategy opens one ``RoundSync`` per attempt at a round and drives it in a fixed
     except RoundFailure as failure:
         raise sync.abort(failure)                  # the round's failure, with who is at fault
 
+A transport that runs the whole round itself (transport "grpc" with ``rounds-per-message`` > 1:
+the clients are in a block of rounds already) sends no train messages; its ``averaged`` gives
+the round's averaged model instead of the replies, and raises ``RoundFailure`` the same way.
+
 Everything a round needs lives on its ``RoundSync``, so nothing is carried between calls on
 the strategy or the transport. ``check`` runs once before round 1; ``close`` ends the transport.
 """
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from common.protocol import QUERY_BN_SYNC_PREFLIGHT
@@ -74,6 +78,7 @@ class RoundPlan:
     group_id: str  # Flower's group id of every message of the attempt
     timeout: float  # seconds to wait for the replies of one exchange
     traffic: Traffic | None = None  # where the round's exchanges are counted
+    excluded: frozenset[int] = frozenset()  # nodes the run no longer uses (failed earlier)
 
 
 class RoundSync(ABC):
@@ -82,6 +87,11 @@ class RoundSync(ABC):
     @abstractmethod
     def train_messages(self) -> list[Message]:
         """The messages that ask the plan's nodes to train, one per node."""
+
+    def averaged(self) -> tuple[ArrayRecord, MetricRecord] | None:
+        """The round's averaged model and train metrics, when the transport computes them
+        (then ``train_messages`` is empty); None: the strategy averages the train replies."""
+        return None
 
     def finish(self) -> None:
         """Every train reply is in: raise ``RoundFailure`` if the sync failed after all."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +70,7 @@ def exchange(
         kind = messages[0].metadata.message_type
         detail = "; ".join(f"node {node}: {why}" for node, why in sorted(problems.items()))
         raise RoundFailure(f"{kind} failed: {detail}", FailureKind.EXCHANGE, problems, problems)
+    replies = {node: replies[node] for node in expected}  # in the order sent, not of arrival
     if traffic is not None:
         traffic.add(messages, list(replies.values()))
     return replies
@@ -98,6 +99,22 @@ def send_and_receive(
     Flower's fixed sleep.
     """
     pending = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
+    return receive(
+        grid, pending, timeout=timeout, first_interval=first_interval, max_interval=max_interval
+    )
+
+
+def receive(
+    grid: Grid,
+    message_ids: Iterable[str],
+    *,
+    timeout: float,
+    first_interval: float = FIRST_PULL_INTERVAL,
+    max_interval: float = MAX_PULL_INTERVAL,
+) -> list[Message]:
+    """Pull the replies to the pushed ``message_ids`` until each has one or ``timeout`` passes
+    (the second half of ``send_and_receive``)."""
+    pending = set(message_ids)
     started = time.monotonic()
     deadline = started + timeout
     received: list[Message] = []

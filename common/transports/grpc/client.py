@@ -11,11 +11,17 @@ numbered by ``seq`` so that the service can refuse duplicates and out-of-step ca
 
 Leaving the ``with`` block by an exception tells the service that this client gives up, so that
 the other clients of the round are released at once instead of after the service's timeout.
+
+With run config ``rounds-per-message`` > 1, a ``GrpcBlockChannel`` lives for a block of rounds
+(block.py): ``run_block`` asks it for each round's plan, trains the rounds this client is
+sampled for over a ``GrpcBNChannel`` on the block's connection, and uploads the results.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -27,6 +33,8 @@ from common.fedtan.bn_channel import BNChannel, BNSyncError, GradSums, Moments
 from common.protocol import (
     BACKWARD,
     BN_SYNC_ADDRESS,
+    BN_SYNC_BLOCK,
+    BN_SYNC_BLOCK_WAIT,
     BN_SYNC_CREDENTIAL,
     BN_SYNC_ROOT_CERTIFICATES,
     BN_SYNC_ROUND,
@@ -34,14 +42,21 @@ from common.protocol import (
     FORWARD,
 )
 from common.transports.grpc.wire import (
+    BLOCK_METHOD,
     REDUCE_METHOD,
     Caller,
     ErrorReply,
+    Plan,
     ReduceRequest,
     bounded,
     decode,
+    decode_plan,
     encode,
+    encode_give_up,
+    encode_next,
     encode_request,
+    encode_state,
+    encode_upload,
 )
 
 # Node config keys (the SuperNode's --node-config): this client's certificate for mutual TLS.
@@ -73,6 +88,7 @@ class GrpcBNChannel(BNChannel):
         root_certificates: bytes | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
         timeout: float = 60.0,
+        connection: grpc.Channel | None = None,
     ) -> None:
         if client_certificate is not None and root_certificates is None:
             raise ValueError("a client certificate needs TLS (root_certificates)")
@@ -86,17 +102,9 @@ class GrpcBNChannel(BNChannel):
         self._seq = 0
         self._closed = False
         self._refused = False  # the service has answered with an error: it knows already
-        # A connection of its own, as a client in a process of its own has: clients of one
-        # process (tests, benchmarks) must not share the service's per-connection stream cap.
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        if root_certificates is None:
-            self._channel = grpc.insecure_channel(address, options)
-        else:
-            chain, key = client_certificate or (None, None)
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=root_certificates, private_key=key, certificate_chain=chain
-            )
-            self._channel = grpc.secure_channel(address, creds, options)
+        # ``connection``: a block's (GrpcBlockChannel), which outlives this round's channel.
+        self._owns_channel = connection is None
+        self._channel = connection or _connect(address, root_certificates, client_certificate)
         # Bytes in, bytes out; registered as generated stubs do (a faster call path).
         self._reduce = self._channel.unary_unary(REDUCE_METHOD, _registered_method=True)
 
@@ -144,7 +152,8 @@ class GrpcBNChannel(BNChannel):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._channel.close()
+            if self._owns_channel:
+                self._channel.close()
 
     def __enter__(self) -> GrpcBNChannel:
         return self
@@ -215,6 +224,183 @@ class GrpcBNChannel(BNChannel):
         return bounded(f"{where}: BN sync service refused ({name}): {details}")
 
 
+def _connect(
+    address: str, root_certificates: bytes | None, client_certificate: tuple[bytes, bytes] | None
+) -> grpc.Channel:
+    # A connection of its own, as a client in a process of its own has: clients of one
+    # process (tests, benchmarks) must not share the service's per-connection stream cap.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    if root_certificates is None:
+        return grpc.insecure_channel(address, options)
+    chain, key = client_certificate or (None, None)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=root_certificates, private_key=key, certificate_chain=chain
+    )
+    return grpc.secure_channel(address, creds, options)
+
+
+# --- blocks of rounds (run config rounds-per-message > 1; block.py) ---------------------------
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a client uploads after a round of a block."""
+
+    state: Mapping[str, Tensor]
+    num_examples: int
+    train_loss: float
+    partition_id: int
+
+
+TrainRound = Callable[[Plan, BNChannel], RoundResult]  # one round: the plan, its BN channel
+
+
+def run_block(block: GrpcBlockChannel, train_round: TrainRound) -> int:
+    """Take part in a block until it ends: every round's plan in turn; in the rounds this client
+    is sampled for, ``train_round`` over the round's BN channel and the upload of its result.
+    Returns the rounds trained. A round that fails here is reported to the service (which ends
+    the round for the others at once) and raised."""
+    seq, trained = -1, 0
+    while (plan := block.next_plan(after=seq)) is not None:
+        seq = plan.seq
+        if plan.bn_round is None:
+            continue  # not sampled: wait for the next round's model
+        try:
+            with block.bn_channel(plan) as channel:
+                result = train_round(plan, channel)
+            block.upload(seq, result)
+        except Exception as error:
+            block.give_up(seq, f"{type(error).__name__}: {error}")
+            raise
+        trained += 1
+    return trained
+
+
+class GrpcBlockChannel:
+    """One client's membership of a block of rounds on the BN sync service.
+
+    One connection serves the block's calls and every round's BN exchanges. ``timeout``: one
+    BN exchange or block call; ``wait``: how long the next round's plan may take to come (the
+    server evaluates and records a round before it publishes the next).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        block_id: int,
+        client_id: str,
+        credential: str,
+        root_certificates: bytes | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,
+        timeout: float = 60.0,
+        wait: float = 600.0,
+    ) -> None:
+        if client_certificate is not None and root_certificates is None:
+            raise ValueError("a client certificate needs TLS (root_certificates)")
+        self.address, self.block_id, self.client_id = address, block_id, client_id
+        self._root, self._timeout, self._wait = root_certificates, timeout, wait
+        self._metadata = Caller(block_id, client_id, credential).metadata()
+        self._deadline = timeout + min(5.0, timeout / 2)
+        self._channel = _connect(address, root_certificates, client_certificate)
+        self._call = self._channel.unary_unary(BLOCK_METHOD, _registered_method=True)
+        self.end_reason = ""  # why the block ended, once it has
+
+    @classmethod
+    def from_block_config(
+        cls,
+        config: Mapping[str, object],
+        client_id: str,
+        node_config: Mapping[str, object] | None = None,
+    ) -> GrpcBlockChannel:
+        """The block a block train message tells ``client_id`` to join (see
+        ``GrpcBNChannel.from_train_config`` for ``node_config``)."""
+        root = str(config[BN_SYNC_ROOT_CERTIFICATES])
+        return cls(
+            str(config[BN_SYNC_ADDRESS]),
+            block_id=int(config[BN_SYNC_BLOCK]),
+            client_id=client_id,
+            credential=str(config[BN_SYNC_CREDENTIAL]),
+            root_certificates=root.encode() if root else None,
+            client_certificate=_client_certificate(node_config or {}),
+            timeout=float(config[BN_SYNC_TIMEOUT]),
+            wait=float(config[BN_SYNC_BLOCK_WAIT]),
+        )
+
+    def next_plan(self, after: int) -> Plan | None:
+        """The plan of the round after round ``after`` of the block; None once it has ended."""
+        deadline = time.monotonic() + self._wait
+        while True:
+            reply = self._request(encode_next(after), "plan")
+            try:
+                plan = decode_plan(reply)
+            except BNSyncError as error:
+                raise BNSyncError(f"client {self.client_id!r}: unreadable plan: {error}") from None
+            if isinstance(plan, ErrorReply):
+                self.end_reason = plan.message
+                return None
+            if plan is not None:
+                return plan
+            if time.monotonic() > deadline:
+                raise BNSyncError(
+                    f"client {self.client_id!r}: no plan for the round after {after} of block "
+                    f"{self.block_id} within {self._wait:g} s"
+                )
+
+    def bn_channel(self, plan: Plan) -> GrpcBNChannel:
+        """The BN channel of a round this client is sampled for, over the block's connection."""
+        return GrpcBNChannel(
+            self.address,
+            round_id=int(plan.bn_round),
+            client_id=self.client_id,
+            credential=plan.credential,
+            root_certificates=self._root,
+            timeout=self._timeout,
+            connection=self._channel,
+        )
+
+    def upload(self, seq: int, result: RoundResult) -> None:
+        state = encode_state(result.state)
+        self._request(
+            encode_upload(seq, result.num_examples, result.train_loss, result.partition_id, state),
+            f"upload of round {seq}",
+        )
+
+    def give_up(self, seq: int, reason: str) -> None:
+        """Tell the service this client fails round ``seq`` (best effort)."""
+        try:
+            self._call(
+                encode_give_up(seq, reason),
+                timeout=min(self._timeout, _ABORT_TIMEOUT),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError:
+            pass  # the service may know already (it refused this client's upload)
+
+    def _request(self, request: bytes, what: str) -> bytes:
+        try:
+            return self._call(request, timeout=self._deadline, metadata=self._metadata)
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else None
+            details = error.details() if isinstance(error, grpc.Call) else str(error)
+            name = code.name if code is not None else "error"
+            raise BNSyncError(
+                bounded(
+                    f"client {self.client_id!r}, block {self.block_id}, {what}: the BN sync "
+                    f"service at {self.address} answered {name}: {details}"
+                )
+            ) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> GrpcBlockChannel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def _client_certificate(node_config: Mapping[str, object]) -> tuple[bytes, bytes] | None:
     """(certificate chain, key) from the node config's files, or None if it names none."""
     paths = {key: node_config.get(key) for key in (CLIENT_CERTFILE, CLIENT_KEYFILE)}
@@ -248,4 +434,4 @@ def _unusable(result: Moments | GradSums, local: Moments | GradSums, dtype: torc
     return ""
 
 
-__all__ = ["GrpcBNChannel"]
+__all__ = ["GrpcBNChannel", "GrpcBlockChannel", "RoundResult", "TrainRound", "run_block"]

@@ -6,6 +6,12 @@ train message. The clients then run their whole synced step over the service, th
 steps, and reply with their models as usual. The service knows who broke a round, so its
 account decides who is at fault, not the Flower errors that merely echo it.
 
+With run config ``rounds-per-message`` R > 1 the transport runs blocks of rounds instead
+(``block.py``): one Flower message per available client starts R rounds, each of which is one
+``RoundSync`` whose ``averaged`` publishes the round on the service and returns the average of
+the clients' uploads. A block ends after its R-th round, with a failed round (the strategy then
+retries from the last good model with a new block, without the culprits), or with the run.
+
 The server knows what a round allows before it starts: the layers and their shapes from one
 traced step of the model (``trace_sync_shape``), each client's batch size from the round's
 config. The service checks every contribution against that (``RoundSchedule``).
@@ -19,13 +25,15 @@ says that network is trusted; clients are never told to dial a wildcard address.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
-from collections.abc import Callable, Sequence
-from logging import INFO
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from torch import Tensor, nn
@@ -35,14 +43,18 @@ from common.fedtan.bn_channel import BNChannel, GradSums, Moments
 from common.fedtan.bn_sync import convert_federated_batchnorm, synchronized
 from common.protocol import (
     BN_SYNC_ADDRESS,
+    BN_SYNC_BLOCK,
+    BN_SYNC_BLOCK_WAIT,
     BN_SYNC_CREDENTIAL,
     BN_SYNC_ROOT_CERTIFICATES,
     BN_SYNC_ROUND,
     BN_SYNC_TIMEOUT,
     CONFIG_RECORD,
     MODEL_RECORD,
+    TRAIN_FEDTAN_BLOCK,
     TrainSettings,
 )
+from common.transports.averaging import average_updates
 from common.transports.base import (
     FailureKind,
     RoundFailure,
@@ -51,7 +63,8 @@ from common.transports.base import (
     Transport,
     preflight_plan,
 )
-from common.transports.exchange import exchange
+from common.transports.exchange import exchange, receive
+from common.transports.grpc.block import BlockProblem
 from common.transports.grpc.service import (
     AbortKind,
     BNSyncService,
@@ -60,6 +73,13 @@ from common.transports.grpc.service import (
     RoundAbort,
     RoundSchedule,
     SyncShape,
+)
+from common.transports.grpc.wire import (
+    StateSpec,
+    block_request_size,
+    encode_plan,
+    encode_state,
+    plan_size,
 )
 
 PREFLIGHT_ROUND = 0  # the service round of ``check``; training rounds are numbered from 1
@@ -79,17 +99,35 @@ class GrpcTransport(Transport):
 
     ``shape``: the exchanges of a step (``trace_sync_shape``). ``max_retries``: the strategy's,
     so that every attempt at a round has a service round id of its own (a late client of a
-    failed attempt can never join the next one).
+    failed attempt can never join the next one). ``state``: the model's state entries, what a
+    client of a block uploads (needed when run config ``rounds-per-message`` > 1).
     """
 
     def __init__(
-        self, cfg: RunConfig, *, shape: SyncShape, max_clients: int, max_retries: int
+        self,
+        cfg: RunConfig,
+        *,
+        shape: SyncShape,
+        max_clients: int,
+        max_retries: int,
+        state: StateSpec = (),
     ) -> None:
         tls, self.root_certificates, client_ca = _tls_settings(cfg)
         _refuse_plaintext_beyond_this_machine(cfg, tls is not None)
         if not cfg.bn_sync_address:
             _dial_address(cfg.bn_sync_host, cfg.bn_sync_port)  # refuses a wildcard before binding
         self.shape = shape
+        self.rounds_per_message = cfg.rounds_per_message
+        if self.rounds_per_message > 1 and not state:
+            raise ValueError("rounds-per-message > 1 needs the model's state entries (state)")
+        self.state = state
+        blocks = self.rounds_per_message > 1  # the service's size caps then fit a model state
+        limits = Limits(
+            max_channels=shape.max_channels,
+            max_block_request=block_request_size(state) if blocks else 0,
+            max_block_reply=plan_size(state) if blocks else 0,
+        )
+        self.block: GrpcBlock | None = None  # the open block of rounds, if any
         self.service = BNSyncService(
             cfg.bn_sync_host,
             cfg.bn_sync_port,
@@ -97,7 +135,7 @@ class GrpcTransport(Transport):
             client_ca=client_ca,
             timeout=cfg.bn_sync_timeout,
             max_clients=max_clients,
-            limits=Limits(max_channels=shape.max_channels),
+            limits=limits,
         )
         port = self.service.start()
         self.address = cfg.bn_sync_address or _dial_address(cfg.bn_sync_host, port)
@@ -112,10 +150,23 @@ class GrpcTransport(Transport):
             self.address,
         )
 
-    def open_round(self, grid: Grid, plan: RoundPlan) -> GrpcRound:
+    def open_round(self, grid: Grid, plan: RoundPlan) -> RoundSync:
         round_id = plan.server_round * self.attempts_per_round + plan.attempt
         batch = TrainSettings.from_config(plan.config).batch_size
-        return GrpcRound(self, round_id, plan, RoundSchedule(self.shape, batch))
+        schedule = RoundSchedule(self.shape, batch)
+        if self.rounds_per_message == 1:
+            return GrpcRound(self, round_id, plan, schedule)
+        if self.block is None or not self.block.continues(plan):
+            self.end_block("a new block starts")
+            self.block = GrpcBlock(self, grid, plan, block_id=round_id)
+        return BlockRound(self.block, round_id, plan, schedule)
+
+    def end_block(self, reason: str, culprits: frozenset[int] = frozenset()) -> None:
+        """End the open block, if any; its clients' Flower replies are collected and dropped
+        (but the ``culprits``', which may never come)."""
+        block, self.block = self.block, None
+        if block is not None:
+            block.end(reason, culprits)
 
     def check(self, grid: Grid, nodes: Sequence[int], timeout: float) -> None:
         """Before round 1: ``nodes`` join the service together once, or the run stops here.
@@ -135,7 +186,10 @@ class GrpcTransport(Transport):
             ) from None
 
     def close(self) -> None:
-        self.service.stop()
+        try:
+            self.end_block("the run ended")
+        finally:
+            self.service.stop()
 
 
 class GrpcRound(RoundSync):
@@ -193,6 +247,171 @@ class GrpcRound(RoundSync):
             return None
         self.closed = True
         return self.transport.service.close_round(self.round_id)
+
+
+class GrpcBlock:
+    """An open block of rounds: the service's ``Block`` and the Flower messages that started it
+    (one per member, for up to R rounds)."""
+
+    def __init__(self, transport: GrpcTransport, grid: Grid, plan: RoundPlan, block_id: int):
+        self.transport, self.grid, self.id = transport, grid, block_id
+        # Every node the run may use, sampled for this round or not.
+        self.members = sorted((set(grid.get_node_ids()) - plan.excluded) | set(plan.nodes))
+        settings = TrainSettings.from_config(plan.config)
+        self.settings = dataclasses.replace(settings, lr=0.0)  # all but lr hold for the block
+        self.rounds, self.next_round, self.timeout = 0, plan.server_round, plan.timeout
+        self.block, credentials = transport.service.open_block(
+            block_id,
+            [str(node) for node in self.members],
+            transport.state,
+            max_examples=settings.batch_size * settings.local_steps,
+        )
+        messages = [
+            Message(
+                RecordDict(
+                    {
+                        CONFIG_RECORD: ConfigRecord(
+                            {
+                                **plan.config,
+                                BN_SYNC_ADDRESS: transport.address,
+                                BN_SYNC_BLOCK: block_id,
+                                BN_SYNC_CREDENTIAL: credentials[str(node)],
+                                BN_SYNC_ROOT_CERTIFICATES: transport.root_certificates,
+                                BN_SYNC_TIMEOUT: transport.client_timeout,
+                                BN_SYNC_BLOCK_WAIT: plan.timeout,
+                            }
+                        )
+                    }
+                ),
+                dst_node_id=node,
+                message_type=TRAIN_FEDTAN_BLOCK,
+                group_id=f"{plan.group_id}-block-{block_id}",
+            )
+            for node in self.members
+        ]
+        # Pushed, not waited for: the replies come when the block ends.
+        self.message_ids = dict(zip(grid.push_messages(messages), self.members, strict=True))
+        if plan.traffic is not None:
+            plan.traffic.round_trips += 1  # the round that opens a block pays its Flower message
+        log(
+            INFO,
+            "Block %d: %d clients, up to %d rounds",
+            block_id,
+            len(self.members),
+            transport.rounds_per_message,
+        )
+
+    def continues(self, plan: RoundPlan) -> bool:
+        """Whether ``plan`` is this block's next round."""
+        return (
+            self.rounds < self.transport.rounds_per_message
+            and plan.server_round == self.next_round
+            and set(plan.nodes) <= set(self.members)
+            and dataclasses.replace(TrainSettings.from_config(plan.config), lr=0.0) == self.settings
+        )
+
+    def run_round(
+        self, plan: RoundPlan, round_id: int, schedule: RoundSchedule
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Round ``plan`` over the service: published, trained, uploaded, averaged; the block
+        ends after its last round or a failed one."""
+        service = self.transport.service
+        seq, self.rounds, self.next_round = self.rounds, self.rounds + 1, plan.server_round + 1
+        sampled = [str(node) for node in plan.nodes]
+        credentials = service.open_round(round_id, sampled, schedule)
+        state = encode_state(plan.arrays.to_torch_state_dict())
+        lr = TrainSettings.from_config(plan.config).lr
+        plans = {
+            member: encode_plan(
+                seq,
+                plan.server_round,
+                lr,
+                round_id if member in credentials else None,
+                credentials.get(member, ""),
+                state,
+            )
+            for member in (str(node) for node in self.members)
+        }
+        self.block.publish(seq, sampled, plans)
+        try:
+            try:
+                updates = self.block.collect(plan.timeout)
+            except BlockProblem as problem:
+                # The BN sync round's account first: the others' give-ups only echo its abort.
+                abort = service.close_round(round_id)
+                raise (_failure(abort) if abort is not None else _block_failure(problem)) from None
+            if (abort := service.close_round(round_id)) is not None:
+                raise _failure(abort)
+            with _one_torch_thread():
+                averaged, metrics = average_updates(updates)
+        except RoundFailure as failure:
+            self.transport.end_block(f"round {plan.server_round} failed", failure.culprits)
+            raise
+        if plan.traffic is not None:  # the model down to every member, and up from the sampled
+            plan.traffic.model_bytes += len(state) * (len(plans) + len(updates))
+        if self.rounds == self.transport.rounds_per_message:
+            self.transport.end_block("the block's last round is done")
+        return ArrayRecord(averaged), MetricRecord(metrics)
+
+    def end(self, reason: str, culprits: frozenset[int] = frozenset()) -> None:
+        """Tell the members the block ended; collect their Flower replies (not the culprits')."""
+        service = self.transport.service
+        service.end_block(self.id, reason)
+        wanted = {i for i, node in self.message_ids.items() if node not in culprits}
+        try:
+            replies = receive(self.grid, wanted, timeout=self.timeout)
+        finally:
+            service.forget_block(self.id)  # a member's late call is refused from now on
+        answered = {reply.metadata.reply_to_message_id for reply in replies}
+        silent = sorted(self.message_ids[i] for i in wanted - answered)
+        failed = sorted(
+            f"{r.metadata.src_node_id} ({r.error.reason})" for r in replies if r.has_error()
+        )
+        if silent or failed:
+            log(
+                WARNING,
+                "Block %d (%s): no reply from nodes %s, errors from nodes %s",
+                self.id,
+                reason,
+                silent,
+                failed,
+            )
+
+
+class BlockRound(RoundSync):
+    """One round of an open block: no train messages; ``averaged`` runs it on the service."""
+
+    def __init__(
+        self, block: GrpcBlock, round_id: int, plan: RoundPlan, schedule: RoundSchedule
+    ) -> None:
+        self.block, self.round_id, self.plan, self.schedule = block, round_id, plan, schedule
+
+    def train_messages(self) -> list[Message]:
+        return []
+
+    def averaged(self) -> tuple[ArrayRecord, MetricRecord]:
+        return self.block.run_round(self.plan, self.round_id, self.schedule)
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Torch on one thread meanwhile: averaging a few small states is a few dozen tiny
+    operations, each of which costs milliseconds with intra-op threads on a loaded machine (in a
+    simulation the clients are that load) and microseconds without. Elementwise, so the bits
+    are the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _block_failure(problem: BlockProblem) -> RoundFailure:
+    culprits = {int(client) for client in problem.culprits}
+    kind = FailureKind.BAD_REPLY if problem.bad_state else FailureKind.EXCHANGE
+    reasons = {int(client): why for client, why in problem.culprits.items()}
+    return RoundFailure(f"block round failed: {problem}", kind, culprits, reasons)
 
 
 def _failure(abort: RoundAbort) -> RoundFailure:

@@ -49,14 +49,18 @@ from torch import Tensor
 
 from common.fedtan.bn_channel import BNSyncError, GradSums, Moments
 from common.protocol import BACKWARD, FORWARD, PHASES
+from common.transports.grpc.block import Block, BlockRefusal
 from common.transports.grpc.wire import (
+    BLOCK_METHOD,
     REDUCE_METHOD,
     SERVICE_NAME,
     Caller,
     ErrorReply,
     ReduceRequest,
+    StateSpec,
     bounded,
     decode,
+    decode_block_request,
     decode_request,
     encode,
     frame_size,
@@ -65,6 +69,8 @@ from common.transports.grpc.wire import (
 
 _SPARE_WORKERS = 4  # answer refusals while every member's request is parked waiting
 _CALLS_PER_MEMBER = 2  # an exchange, and the abort a client sends right after it failed
+_BLOCK_CALLS_PER_MEMBER = 2  # in a block (block.py): a plan or upload, and a give-up
+_LONGEST_BLOCK_POLL = 10.0  # s a member's wait for its block's next plan holds a worker
 _CLOSED_ROUNDS_KEPT = 1024
 _INT64_MAX = (1 << 63) - 1
 
@@ -150,6 +156,10 @@ class Limits:
     # Bounds memory; an outsider can fill it (it cannot block a round otherwise), so it is
     # generous, and idle or half-open connections are closed by the timeouts above.
     max_connections: int = 1024
+    # Blocks of rounds (block.py): the largest request (a state upload) and reply (a plan), from
+    # the model's state (wire.block_request_size / plan_size); 0: no blocks.
+    max_block_request: int = 0
+    max_block_reply: int = 0
 
 
 @dataclass(frozen=True)
@@ -540,6 +550,7 @@ class BNSyncService:
         self._lock = threading.Lock()
         self._rounds: dict[int, _Round] = {}
         self._closed: OrderedDict[int, RoundAbort | None] = OrderedDict()
+        self._blocks: dict[int, Block] = {}
         self._server: grpc.Server | None = None
         self._pool: futures.ThreadPoolExecutor | None = None
         self._port: int | None = None
@@ -553,7 +564,10 @@ class BNSyncService:
         """Bind and serve; returns the bound port (useful with ``port=0``)."""
         if self._server is not None:
             raise RuntimeError("BNSyncService already started")
-        workers = self._max_clients * _CALLS_PER_MEMBER + _SPARE_WORKERS
+        calls = _CALLS_PER_MEMBER + (
+            _BLOCK_CALLS_PER_MEMBER if self.limits.max_block_request else 0
+        )
+        workers = self._max_clients * calls + _SPARE_WORKERS
         self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="bn-sync")
         server = grpc.server(
             self._pool,
@@ -563,7 +577,7 @@ class BNSyncService:
         )
         # The gate answers every call itself; the registered method only routes it there fast.
         handler = grpc.unary_unary_rpc_method_handler(_unreachable)
-        server.add_registered_method_handlers(SERVICE_NAME, {"Reduce": handler})
+        server.add_registered_method_handlers(SERVICE_NAME, {"Reduce": handler, "Block": handler})
         try:
             if self._tls is None:
                 port = server.add_insecure_port(self._address)
@@ -594,8 +608,14 @@ class BNSyncService:
         limits = self.limits
         return [
             ("grpc.so_reuseport", 0),  # else a second service could bind the port, steal clients
-            ("grpc.max_receive_message_length", request_size(limits.max_channels)),
-            ("grpc.max_send_message_length", frame_size(limits.max_channels)),
+            (
+                "grpc.max_receive_message_length",
+                max(request_size(limits.max_channels), limits.max_block_request),
+            ),
+            (
+                "grpc.max_send_message_length",
+                max(frame_size(limits.max_channels), limits.max_block_reply),
+            ),
             ("grpc.max_metadata_size", 8 * 1024),
             ("grpc.max_concurrent_streams", limits.streams_per_connection),
             ("grpc.max_allowed_incoming_connections", limits.max_connections),
@@ -618,6 +638,9 @@ class BNSyncService:
         """Abort the open rounds (their waiting clients get the reason), then shut down."""
         with self._lock:
             rounds, self._rounds = list(self._rounds.values()), {}
+            blocks, self._blocks = list(self._blocks.values()), {}
+            for block in blocks:
+                block.end("the BN sync service was stopped")
             for rnd in rounds:
                 rnd.abort("the BN sync service was stopped")
                 self._remember(rnd)
@@ -682,6 +705,93 @@ class BNSyncService:
             rnd.close()
             self._remember(rnd)
         return rnd.failure
+
+    def open_block(
+        self, block_id: int, client_ids: Sequence[str], spec: StateSpec, max_examples: int
+    ) -> tuple[Block, dict[str, str]]:
+        """Admit ``client_ids`` to block ``block_id`` (block.py) for a model of ``spec``; returns
+        the block and a fresh credential per client."""
+        ids = list(client_ids)
+        if not ids or len(set(ids)) != len(ids) or not all(isinstance(c, str) and c for c in ids):
+            raise ValueError(f"client_ids must be distinct non-empty strings, got {ids!r}")
+        if not self.limits.max_block_request:
+            raise ValueError("this service was not started for blocks (Limits.max_block_request)")
+        credentials = {c: secrets.token_urlsafe(32) for c in ids}
+        poll = min(self._timeout / 2, _LONGEST_BLOCK_POLL)
+        block = Block(block_id, credentials, spec, max_examples, poll)
+        with self._lock:
+            if block_id in self._blocks:
+                raise ValueError(f"block {block_id} is already open")
+            busy = sum(len(b.members) for b in self._blocks.values())
+            if busy + len(ids) > self._max_clients:
+                raise ValueError(
+                    f"block {block_id}: {len(ids)} clients would exceed max_clients="
+                    f"{self._max_clients} ({busy} in open blocks)"
+                )
+            self._blocks[block_id] = block
+        return block, credentials
+
+    def end_block(self, block_id: int, reason: str) -> None:
+        """End the block: its members' calls are answered ``reason`` until ``forget_block``."""
+        with self._lock:
+            block = self._blocks.get(block_id)
+        if block is not None:
+            block.end(reason)
+
+    def forget_block(self, block_id: int) -> None:
+        """Refuse the block's calls from now on (it must have ended)."""
+        with self._lock:
+            block = self._blocks.pop(block_id, None)
+        if block is not None:
+            block.end("the block was closed")
+
+    def admit_block(self, caller: Caller | None) -> Block:
+        """The open block ``caller`` is a member of, from call metadata alone; or ``_Refusal``."""
+        if caller is None:
+            raise _Refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a block call must name its block, client and credential in its metadata",
+            )
+        with self._lock:
+            block = self._blocks.get(caller.round_id)
+        if block is None:
+            raise _Refusal(
+                grpc.StatusCode.NOT_FOUND,
+                bounded(f"client {caller.client_id!r}: block {caller.round_id} is not open"),
+            )
+        if not block.authenticate(caller.client_id, caller.credential):
+            raise _Refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                bounded(
+                    f"client {caller.client_id!r} is not admitted to block {caller.round_id}: "
+                    "unknown client or wrong credential"
+                ),
+            )
+        return block
+
+    def serve_block(
+        self,
+        block: Block,
+        client_id: str,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+    ) -> bytes:
+        """An admitted block member's call: read its one request, answer it."""
+        try:
+            with block.call(client_id):
+                body = next(requests, None)
+                if body is None:
+                    raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+                try:
+                    request = decode_block_request(body)
+                except BNSyncError as error:
+                    raise _Refusal(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        bounded(f"client {client_id!r}: malformed block request: {error}"),
+                    ) from None
+                return block.serve(client_id, request)
+        except (_Refusal, BlockRefusal) as refusal:
+            context.abort(refusal.code, refusal.message)
 
     def round_failure(self, round_id: int) -> RoundAbort | None:
         """Why the round was aborted, None if it was not; for open and recently closed rounds."""
@@ -763,16 +873,19 @@ class _Gate(grpc.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        if details.method != REDUCE_METHOD:
+        if details.method == REDUCE_METHOD:
+            admit, serve = self._service.admit, self._service.serve
+        elif details.method == BLOCK_METHOD:
+            admit, serve = self._service.admit_block, self._service.serve_block
+        else:
             return None  # gRPC answers UNIMPLEMENTED
         caller = Caller.from_metadata(details.invocation_metadata)
         try:
-            rnd = self._service.admit(caller)
+            member_of = admit(caller)
         except _Refusal as refusal:
             return grpc.stream_unary_rpc_method_handler(_refuse(refusal))
-        serve = self._service.serve
         return grpc.stream_unary_rpc_method_handler(
-            lambda requests, context: serve(rnd, caller.client_id, requests, context)
+            lambda requests, context: serve(member_of, caller.client_id, requests, context)
         )
 
 

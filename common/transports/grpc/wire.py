@@ -19,8 +19,9 @@ from the model's largest layer (``request_size``, ``frame_size``).
 
 from __future__ import annotations
 
+import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,3 +253,280 @@ def _expect_length(data: bytes, expected: int, what: str) -> None:
     if len(data) != expected:
         problem = "truncated" if len(data) < expected else "has trailing bytes"
         raise BNSyncError(f"{what} frame {problem}: {len(data)} bytes, expected {expected}")
+
+
+# --- blocks of rounds (run config rounds-per-message > 1; block.py) ---------------------------
+#
+#     STATE    magic BNS1, n: uint32, n x (name: uint16 + UTF-8, dtype: uint8, ndim: uint8,
+#              shape: ndim x int64), then each entry's bytes in order (native little-endian)
+#     NEXT     magic BNB1, kind 1, seq: int64 (the last round seen; -1 before the first)
+#     UPLOAD   magic BNB1, kind 2, seq, num_examples: int64, train_loss: float64,
+#              partition_id: int64, STATE
+#     GIVE_UP  magic BNB1, kind 3, seq, ERROR frame (why this client stops)
+#     PLAN     magic BNP1, kind 1, seq, server_round: int64, lr: float64, bn_round: int64 (-1:
+#              not sampled), credential: uint16 + ASCII, STATE (the round's global model)
+#     WAIT     magic BNP1, kind 2 (no plan yet: ask again)
+#     END      magic BNP1, kind 3, ERROR frame (why the block ended)
+
+BLOCK_METHOD = f"/{SERVICE_NAME}/Block"
+_STATE_MAGIC, _BLOCK_MAGIC, _PLAN_MAGIC = b"BNS1", b"BNB1", b"BNP1"
+_STATE_HEAD = struct.Struct("<4sI")
+_ENTRY_HEAD = struct.Struct("<BB")
+_I64 = struct.Struct("<q")
+_BLOCK_HEAD = struct.Struct("<4sBq")
+_UPLOAD = struct.Struct("<qdq")
+_PLAN_HEAD = struct.Struct("<4sB")
+_PLAN = struct.Struct("<qqdq")
+MAX_ENTRIES = 1 << 16  # entries of a model state; ResNet-20 has about 130
+MAX_DIMS = 8
+MAX_CREDENTIAL = 256
+NEXT, UPLOAD, GIVE_UP = 1, 2, 3  # block request kinds
+PLAN, WAIT, END = 1, 2, 3  # block reply kinds
+# The dtypes a model state may hold, by wire code.
+_DTYPES = {
+    1: torch.float32,
+    2: torch.float64,
+    3: torch.float16,
+    4: torch.bfloat16,
+    5: torch.int64,
+    6: torch.int32,
+    7: torch.uint8,
+    8: torch.bool,
+}
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    """What one entry of a model state is: its name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+StateSpec = tuple[EntrySpec, ...]
+
+
+def state_spec(state: Mapping[str, Tensor]) -> StateSpec:
+    """The entries of ``state``, in order: what every state of the same model must match."""
+    return tuple(EntrySpec(name, t.dtype, tuple(t.shape)) for name, t in state.items())
+
+
+def state_size(spec: StateSpec) -> int:
+    """Bytes of the STATE frame of a state that matches ``spec``."""
+    head = sum(
+        _U16.size + len(e.name.encode()) + _ENTRY_HEAD.size + _I64.size * len(e.shape) for e in spec
+    )
+    return _STATE_HEAD.size + head + sum(e.nbytes for e in spec)
+
+
+def encode_state(state: Mapping[str, Tensor]) -> bytes:
+    """One STATE frame for ``state`` (any device; the bytes are copied to the CPU)."""
+    heads, data = [_STATE_HEAD.pack(_STATE_MAGIC, len(state))], []
+    for name, tensor in state.items():
+        if tensor.dtype not in _CODES:
+            raise BNSyncError(f"state entry {name!r}: dtype {tensor.dtype} cannot travel")
+        if tensor.dim() > MAX_DIMS:
+            raise BNSyncError(f"state entry {name!r}: {tensor.dim()} dims, at most {MAX_DIMS}")
+        text = name.encode("utf-8")
+        if len(text) > MAX_NAME:
+            raise BNSyncError(f"state entry name is too long ({len(text)} bytes): {name[:40]!r}")
+        heads += [_U16.pack(len(text)), text, _ENTRY_HEAD.pack(_CODES[tensor.dtype], tensor.dim())]
+        heads += [_I64.pack(size) for size in tensor.shape]
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        data.append(flat.view(torch.uint8).numpy().tobytes())
+    return b"".join(heads + data)
+
+
+def decode_state(data: bytes | memoryview, expected: StateSpec | None = None) -> dict[str, Tensor]:
+    """The state of one STATE frame; ``BNSyncError`` for anything else, and for a state whose
+    entries (names in order, dtypes, shapes) are not exactly ``expected``'s, when given."""
+    data = memoryview(data)
+    magic, count = _unpack(_STATE_HEAD, data, 0, "state")
+    if bytes(magic) != _STATE_MAGIC:
+        raise BNSyncError(f"not a state frame: magic {bytes(magic)!r}")
+    if count > MAX_ENTRIES:
+        raise BNSyncError(f"state frame claims {count} entries, at most {MAX_ENTRIES}")
+    offset, specs = _STATE_HEAD.size, []
+    for _ in range(count):
+        (size,) = _unpack(_U16, data, offset, "state entry name")
+        offset += _U16.size
+        if size > MAX_NAME or offset + size > len(data):
+            raise BNSyncError("state frame truncated or with a too long entry name")
+        try:
+            name = bytes(data[offset : offset + size]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BNSyncError("state entry name is not UTF-8") from None
+        offset += size
+        code, ndim = _unpack(_ENTRY_HEAD, data, offset, "state entry")
+        offset += _ENTRY_HEAD.size
+        if code not in _DTYPES or ndim > MAX_DIMS:
+            raise BNSyncError(f"state entry {name!r}: unknown dtype code {code} or {ndim} dims")
+        shape = tuple(_unpack(_I64, data, offset + i * _I64.size, name)[0] for i in range(ndim))
+        offset += ndim * _I64.size
+        if any(s < 0 for s in shape):
+            raise BNSyncError(f"state entry {name!r}: negative size in shape {shape}")
+        specs.append(EntrySpec(name, _DTYPES[code], shape))
+    if expected is not None:
+        _match(tuple(specs), expected)
+    # Sizes are checked against the frame's length before any allocation.
+    total = sum(spec.nbytes for spec in specs)
+    _expect_length(data, offset + total, "state")
+    owned = bytearray(data[offset:])  # one copy; the entries are views into it
+    state = {}
+    position = 0
+    for spec in specs:
+        chunk = torch.frombuffer(owned, dtype=torch.uint8, count=spec.nbytes, offset=position)
+        state[spec.name] = chunk.view(spec.dtype).reshape(spec.shape)
+        position += spec.nbytes
+    return state
+
+
+def _match(actual: StateSpec, expected: StateSpec) -> None:
+    """Exactly ``expected``'s entries, or ``BNSyncError`` naming the first difference."""
+    names, wanted = [s.name for s in actual], [s.name for s in expected]
+    if names != wanted:
+        missing = sorted(set(wanted) - set(names))
+        extra = sorted(set(names) - set(wanted))
+        if missing or extra:
+            raise BNSyncError(f"the state has other entries: missing {missing}, extra {extra}")
+        raise BNSyncError("the state has the model's entries in another order")
+    for got, want in zip(actual, expected, strict=True):
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise BNSyncError(
+                f"state entry {got.name!r} is {got.dtype} {list(got.shape)}, the model's is "
+                f"{want.dtype} {list(want.shape)}"
+            )
+
+
+@dataclass(frozen=True)
+class BlockRequest:
+    """A block member's call: ``kind`` NEXT (the plan after round ``seq`` of the block), UPLOAD
+    (its result of round ``seq``: ``body`` = upload fields and STATE) or GIVE_UP (``body`` =
+    ERROR frame)."""
+
+    kind: int
+    seq: int
+    body: memoryview
+
+
+def encode_next(seq: int) -> bytes:
+    return _BLOCK_HEAD.pack(_BLOCK_MAGIC, NEXT, seq)
+
+
+def encode_upload(
+    seq: int, num_examples: int, train_loss: float, partition_id: int, state: bytes
+) -> bytes:
+    return b"".join(
+        (
+            _BLOCK_HEAD.pack(_BLOCK_MAGIC, UPLOAD, seq),
+            _UPLOAD.pack(num_examples, train_loss, partition_id),
+            state,
+        )
+    )
+
+
+def encode_give_up(seq: int, reason: str) -> bytes:
+    return _BLOCK_HEAD.pack(_BLOCK_MAGIC, GIVE_UP, seq) + encode(ErrorReply(reason))
+
+
+def decode_block_request(data: bytes) -> BlockRequest:
+    view = memoryview(data)
+    magic, kind, seq = _unpack(_BLOCK_HEAD, view, 0, "block request")
+    if bytes(magic) != _BLOCK_MAGIC or kind not in (NEXT, UPLOAD, GIVE_UP):
+        raise BNSyncError(f"not a block request: magic {bytes(magic)!r}, kind {kind}")
+    body = view[_BLOCK_HEAD.size :]
+    if kind == NEXT and len(body):
+        raise BNSyncError("a NEXT block request has trailing bytes")
+    return BlockRequest(kind, seq, body)
+
+
+def decode_upload(body: memoryview) -> tuple[int, float, int, memoryview]:
+    """(num_examples, train_loss, partition_id, STATE frame) of an UPLOAD's body."""
+    num_examples, train_loss, partition_id = _unpack(_UPLOAD, body, 0, "upload")
+    return num_examples, train_loss, partition_id, body[_UPLOAD.size :]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Round ``seq`` of a block, as one member sees it: the round, its learning rate, the BN
+    sync round and credential if this member is sampled (else ``bn_round`` is None), and the
+    global model it starts from."""
+
+    seq: int
+    server_round: int
+    lr: float
+    bn_round: int | None
+    credential: str
+    state: dict[str, Tensor]
+
+
+def encode_plan(
+    seq: int, server_round: int, lr: float, bn_round: int | None, credential: str, state: bytes
+) -> bytes:
+    text = credential.encode("ascii")
+    return b"".join(
+        (
+            _PLAN_HEAD.pack(_PLAN_MAGIC, PLAN),
+            _PLAN.pack(seq, server_round, lr, -1 if bn_round is None else bn_round),
+            _U16.pack(len(text)),
+            text,
+            state,
+        )
+    )
+
+
+def encode_wait() -> bytes:
+    return _PLAN_HEAD.pack(_PLAN_MAGIC, WAIT)
+
+
+def encode_end(reason: str) -> bytes:
+    return _PLAN_HEAD.pack(_PLAN_MAGIC, END) + encode(ErrorReply(reason))
+
+
+def decode_plan(data: bytes) -> Plan | ErrorReply | None:
+    """A PLAN; an ``ErrorReply`` for END (why the block ended); None for WAIT."""
+    view = memoryview(data)
+    magic, kind = _unpack(_PLAN_HEAD, view, 0, "plan")
+    if bytes(magic) != _PLAN_MAGIC or kind not in (PLAN, WAIT, END):
+        raise BNSyncError(f"not a block plan: magic {bytes(magic)!r}, kind {kind}")
+    offset = _PLAN_HEAD.size
+    if kind == WAIT:
+        _expect_length(view, offset, "wait")
+        return None
+    if kind == END:
+        reason = decode(view[offset:])
+        if not isinstance(reason, ErrorReply):
+            raise BNSyncError("an END plan without a reason")
+        return reason
+    seq, server_round, lr, bn_round = _unpack(_PLAN, view, offset, "plan")
+    offset += _PLAN.size
+    (size,) = _unpack(_U16, view, offset, "plan credential")
+    offset += _U16.size
+    if size > MAX_CREDENTIAL or offset + size > len(view):
+        raise BNSyncError("plan truncated or with a too long credential")
+    credential = bytes(view[offset : offset + size]).decode("ascii", errors="replace")
+    state = decode_state(view[offset + size :])
+    return Plan(seq, server_round, lr, None if bn_round < 0 else bn_round, credential, state)
+
+
+def block_request_size(spec: StateSpec) -> int:
+    """Bytes of the largest block request for a model of ``spec`` (an UPLOAD, or a GIVE_UP)."""
+    error = _HEADER.size + _U32.size + 4 * MAX_MESSAGE
+    return _BLOCK_HEAD.size + max(_UPLOAD.size + state_size(spec), error)
+
+
+def plan_size(spec: StateSpec) -> int:
+    """Bytes of the largest plan for a model of ``spec``."""
+    error = _HEADER.size + _U32.size + 4 * MAX_MESSAGE
+    plan = _PLAN.size + _U16.size + MAX_CREDENTIAL + state_size(spec)
+    return _PLAN_HEAD.size + max(plan, error)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
