@@ -273,8 +273,9 @@ def _model_and_batches(
         server_round,
         batch_size=settings.batch_size,
         local_steps=local_steps,
+        device=device,  # drawn and augmented where the client trains
     )
-    return model, [(place_inputs(x, device, cfg.channels_last), y.to(device)) for x, y in batches]
+    return model, [(place_inputs(x, device, cfg.channels_last), y) for x, y in batches]
 
 
 def _partition(context: Context) -> tuple[int, int]:

@@ -40,15 +40,16 @@ def train(msg: Message, context: Context, partition: tuple[int, int]) -> Message
     settings = TrainSettings.from_config(config)
     cfg = RunConfig.from_flower(context.run_config)
     model, own = _own_model(msg, context, cfg)
+    device = next(model.parameters()).device
     batches = task.client_batches(
         cfg,
         *partition,
         int(config[SERVER_ROUND]),
         batch_size=settings.batch_size,
         local_steps=settings.local_steps,
+        device=device,  # drawn and augmented where the client trains
     )
-    device = next(model.parameters()).device
-    batches = [(place_inputs(x, device, cfg.channels_last), y.to(device)) for x, y in batches]
+    batches = [(place_inputs(x, device, cfg.channels_last), y) for x, y in batches]
     losses = train_local(
         model,
         batches,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Sequence
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
@@ -92,10 +93,13 @@ class Centralized(RoundStrategy):
     round batches (``batches(round, batch_size, local_steps)``, one list per client); no client
     is contacted, so a round costs no traffic. With E = 1 a round equals FedTAN's."""
 
-    def __init__(self, *, model: nn.Module, batches: BatchesFn, **kwargs) -> None:
+    def __init__(
+        self, *, model: nn.Module, batches: BatchesFn, device: torch.device, **kwargs
+    ) -> None:
         super().__init__(name="centralized", **kwargs)
         self.model = model
-        self.batches = batches
+        self.batches = batches  # drawn on ``device``, where the server trains
+        self.device = device
 
     def describe(self) -> str:
         return "Centralized: SGD on the union of all partitions' round batches, on the server"
@@ -110,15 +114,9 @@ class Centralized(RoundStrategy):
         self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord
     ) -> tuple[ArrayRecord, MetricRecord]:
         settings = TrainSettings.from_config(plan.config)
-        device = task.pick_device()
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        self.model.to(device)
-        client_batches = [
-            [(x.to(device), y.to(device)) for x, y in batches]
-            for batches in self.batches(
-                plan.server_round, settings.batch_size, settings.local_steps
-            )
-        ]
+        self.model.to(self.device)
+        client_batches = self.batches(plan.server_round, settings.batch_size, settings.local_steps)
         losses = centralized_round(
             self.model,
             client_batches,
@@ -140,6 +138,7 @@ def baseline_strategy(cfg: RunConfig, model: nn.Module, **kwargs) -> RoundStrate
     """The strategy of ``cfg.method`` (any but "fedtan") for the global ``model``."""
     method = METHODS[cfg.method]
     if method.train == "server":
+        device = task.pick_device(cfg.device)
 
         def batches(server_round: int, batch_size: int, local_steps: int) -> list[list[Batch]]:
             return [
@@ -150,11 +149,12 @@ def baseline_strategy(cfg: RunConfig, model: nn.Module, **kwargs) -> RoundStrate
                     server_round,
                     batch_size=batch_size,
                     local_steps=local_steps,
+                    device=device,
                 )
                 for k in range(cfg.num_clients)
             ]
 
-        return Centralized(model=copy.deepcopy(model), batches=batches, **kwargs)
+        return Centralized(model=copy.deepcopy(model), batches=batches, device=device, **kwargs)
     if method.pools_bn_statistics:
         return GlobalBNStatistics(name=cfg.method, layers=global_stats_layers(model), **kwargs)
     if method.freeze_bn_stats:
