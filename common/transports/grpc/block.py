@@ -19,12 +19,9 @@ local steps, the loss finite; anything else is refused and names its sender as t
 from __future__ import annotations
 
 import math
-import secrets
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -33,6 +30,7 @@ import torch
 
 from common.fedtan.bn_channel import BNSyncError
 from common.transports.averaging import ClientUpdate
+from common.transports.grpc.members import Members
 from common.transports.grpc.wire import (
     GIVE_UP,
     NEXT,
@@ -78,7 +76,7 @@ class BlockProblem(Exception):
         return self.message
 
 
-class Block:
+class Block(Members):
     """One block's members, its current round's plan and the uploads of that round.
 
     The server calls ``publish`` / ``collect`` / ``end`` (one round at a time); members call
@@ -94,11 +92,10 @@ class Block:
         max_examples: int,
         poll: float,
     ) -> None:
+        super().__init__(credentials, _CALLS_PER_MEMBER, BlockRefusal)
         self.id = block_id
-        self._credentials = {c: cred.encode() for c, cred in credentials.items()}
         self._spec, self._max_examples, self._poll = spec, max_examples, poll
         self._cond = threading.Condition()
-        self._calls: Counter[str] = Counter()
         self._seq = -1  # the round of the block being run; -1 before the first
         self._plans: dict[str, bytes] = {}
         self._sampled: frozenset[str] = frozenset()
@@ -106,33 +103,6 @@ class Block:
         self._problems: dict[str, str] = {}
         self._bad_state = False
         self._ended: bytes | None = None  # the END reply once the block has ended
-
-    @property
-    def members(self) -> list[str]:
-        return list(self._credentials)
-
-    def authenticate(self, client_id: str, credential: str) -> bool:
-        expected = self._credentials.get(client_id)
-        same = secrets.compare_digest(
-            expected if expected is not None else b"", credential.encode()
-        )
-        return expected is not None and same
-
-    @contextmanager
-    def call(self, client_id: str) -> Iterator[None]:
-        """Hold one of a member's few call slots while its call runs (more are refused)."""
-        with self._cond:
-            if self._calls[client_id] >= _CALLS_PER_MEMBER:
-                raise BlockRefusal(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"client {client_id!r} has {_CALLS_PER_MEMBER} block calls in flight already",
-                )
-            self._calls[client_id] += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._calls[client_id] -= 1
 
     # --- the server's side -----------------------------------------------------------------
 

@@ -38,7 +38,6 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import NoReturn
@@ -50,6 +49,7 @@ from torch import Tensor
 from common.fedtan.bn_channel import BNSyncError, GradSums, Moments
 from common.protocol import BACKWARD, FORWARD, PHASES
 from common.transports.grpc.block import Block, BlockRefusal
+from common.transports.grpc.members import Members
 from common.transports.grpc.wire import (
     BLOCK_METHOD,
     REDUCE_METHOD,
@@ -182,7 +182,7 @@ class _Refusal(Exception):
         self.code, self.message = code, message
 
 
-class _Round:
+class _Round(Members):
     """The exchanges of one round: a reusable all-reduce among a fixed set of clients.
 
     Exchange ``seq`` collects one contribution per client; the last one combines, stores the
@@ -197,8 +197,8 @@ class _Round:
         timeout: float,
         schedule: RoundSchedule | None = None,
     ) -> None:
+        super().__init__(credentials, _CALLS_PER_MEMBER, _Refusal)
         self.id = round_id
-        self._credentials = {c: cred.encode() for c, cred in credentials.items()}
         self._order = list(credentials)
         self._timeout = timeout
         self._schedule = schedule
@@ -211,7 +211,6 @@ class _Round:
         self._parts: dict[str, Moments | GradSums] = {}
         self._claims: dict[str, tuple[str, str, int]] = {}  # (phase, layer, channels) per part
         self._batch: dict[str, int] = {}  # each client's batch size, from its first count
-        self._calls: Counter[str] = Counter()  # calls in flight per member
         self._tokens: dict[str, object] = {}  # which accepted request each part came with
         self._started = 0.0  # when the first part of exchange _seq arrived
         self._reply = b""  # encoded result of exchange _seq - 1
@@ -220,29 +219,6 @@ class _Round:
     @property
     def size(self) -> int:
         return len(self._order)
-
-    def authenticate(self, client_id: str, credential: str) -> bool:
-        expected = self._credentials.get(client_id)
-        given = credential.encode()
-        # Compare even for unknown clients, so the time taken does not tell which ids exist.
-        same = secrets.compare_digest(expected if expected is not None else b"", given)
-        return expected is not None and same
-
-    @contextmanager
-    def call(self, client_id: str) -> Iterator[None]:
-        """Hold one of a member's few call slots while its call runs (more are refused)."""
-        with self._cond:
-            if self._calls[client_id] >= _CALLS_PER_MEMBER:
-                raise _Refusal(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"client {client_id!r} has {_CALLS_PER_MEMBER} calls in flight already",
-                )
-            self._calls[client_id] += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._calls[client_id] -= 1
 
     def reduce(
         self, client_id: str, req: ReduceRequest, watch: Callable[[Callable[[], None]], bool]
