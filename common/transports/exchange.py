@@ -84,34 +84,18 @@ MAX_PULL_INTERVAL = 0.2
 PULL_INTERVAL_FRACTION = 1 / 8
 
 
-def send_and_receive(
-    grid: Grid,
-    messages: Sequence[Message],
-    *,
-    timeout: float,
-    first_interval: float = FIRST_PULL_INTERVAL,
-    max_interval: float = MAX_PULL_INTERVAL,
-) -> list[Message]:
+def send_and_receive(grid: Grid, messages: Sequence[Message], *, timeout: float) -> list[Message]:
     """Push ``messages``, then pull replies until every message has one or ``timeout`` passes.
 
     What ``Grid.send_and_receive`` does, with a pull interval of ``PULL_INTERVAL_FRACTION`` of
-    the time waited so far, between ``first_interval`` and ``max_interval`` seconds, instead of
-    Flower's fixed sleep.
+    the time waited so far, between ``FIRST_PULL_INTERVAL`` and ``MAX_PULL_INTERVAL`` seconds,
+    instead of Flower's fixed sleep.
     """
     pending = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
-    return receive(
-        grid, pending, timeout=timeout, first_interval=first_interval, max_interval=max_interval
-    )
+    return receive(grid, pending, timeout=timeout)
 
 
-def receive(
-    grid: Grid,
-    message_ids: Iterable[str],
-    *,
-    timeout: float,
-    first_interval: float = FIRST_PULL_INTERVAL,
-    max_interval: float = MAX_PULL_INTERVAL,
-) -> list[Message]:
+def receive(grid: Grid, message_ids: Iterable[str], *, timeout: float) -> list[Message]:
     """Pull the replies to the pushed ``message_ids`` until each has one or ``timeout`` passes
     (the second half of ``send_and_receive``)."""
     pending = set(message_ids)
@@ -125,7 +109,8 @@ def receive(
         now = time.monotonic()
         if not pending or now >= deadline:
             break
-        interval = min(max(first_interval, (now - started) * PULL_INTERVAL_FRACTION), max_interval)
+        waited = (now - started) * PULL_INTERVAL_FRACTION
+        interval = min(max(FIRST_PULL_INTERVAL, waited), MAX_PULL_INTERVAL)
         time.sleep(min(interval, deadline - now))
     return received
 
