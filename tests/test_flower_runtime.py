@@ -48,6 +48,7 @@ from server.processes import (
     write_flower_config,
     write_run_config,
 )
+from server.results import read_metrics_log
 from tests.test_flower_app import assert_is_the_in_process_model
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -193,10 +194,25 @@ def test_deployment_superlink_and_two_supernodes_give_the_in_process_engine_mode
         assert summary["status"] == "completed", summary
         assert summary["rounds_completed"] == 1, summary
         assert all(node.running() for node in nodes), logs(nodes)
+        assert_same_model(out / "model.pt", reference_config(run_config), 2)
+        first_rows = read_metrics_log(out / "metrics.jsonl")
+
+        # The same federation resumes the run in its folder and extends it to round 2.
+        resumed_config = {**run_config, "num-rounds": 2, "resume": True}
+        resumed_toml = write_run_config(tmp_path / "resumed.toml", resumed_config)
+        again = start_flwr_run(
+            "deployment", resumed_toml, env=env, log_dir=log_dir / "resumed", app_dir=APP_DIR
+        )
+        procs.append(again)
+        wait_for_cli(again, deadline, [link, *nodes])
+        summary = read_summary(out, [link, *nodes], deadline)
+        assert (summary["status"], summary["rounds_completed"]) == ("completed", 2), summary
+        rows = read_metrics_log(out / "metrics.jsonl")
+        assert rows[:1] == first_rows and rows[1]["round"] == 2  # round 1 was not run again
     finally:
         run_s = deadline.elapsed()
         killed = stop_processes(procs)
         print(f"run {run_s:.0f} s, teardown {deadline.elapsed() - run_s:.0f} s", *killed, sep="\n")
 
-    assert_same_model(out / "model.pt", reference_config(run_config), 2)
+    assert_same_model(out / "model.pt", reference_config({**run_config, "num-rounds": 2}), 2)
     print(f"total {deadline.elapsed():.0f} s")
