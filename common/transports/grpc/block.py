@@ -45,7 +45,7 @@ from common.transports.grpc.wire import (
     encode_wait,
 )
 
-_CALLS_PER_MEMBER = 2  # a NEXT or UPLOAD, and the GIVE_UP a client sends when it fails
+BLOCK_CALLS_PER_MEMBER = 2  # a NEXT or UPLOAD, and the GIVE_UP a client sends when it fails
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -92,7 +92,7 @@ class Block(Members):
         max_examples: int,
         poll: float,
     ) -> None:
-        super().__init__(credentials, _CALLS_PER_MEMBER, BlockRefusal)
+        super().__init__(credentials, BLOCK_CALLS_PER_MEMBER, BlockRefusal)
         self.id = block_id
         self._spec, self._max_examples, self._poll = spec, max_examples, poll
         self._cond = threading.Condition()

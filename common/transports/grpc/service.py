@@ -48,7 +48,7 @@ from torch import Tensor
 
 from common.fedtan.bn_channel import BNSyncError, GradSums, Moments
 from common.protocol import BACKWARD, FORWARD, PHASES
-from common.transports.grpc.block import Block, BlockRefusal
+from common.transports.grpc.block import BLOCK_CALLS_PER_MEMBER, Block, BlockRefusal
 from common.transports.grpc.members import Members
 from common.transports.grpc.wire import (
     BLOCK_METHOD,
@@ -69,7 +69,6 @@ from common.transports.grpc.wire import (
 
 _SPARE_WORKERS = 4  # answer refusals while every member's request is parked waiting
 _CALLS_PER_MEMBER = 2  # an exchange, and the abort a client sends right after it failed
-_BLOCK_CALLS_PER_MEMBER = 2  # in a block (block.py): a plan or upload, and a give-up
 _LONGEST_BLOCK_POLL = 10.0  # s a member's wait for its block's next plan holds a worker
 _CLOSED_ROUNDS_KEPT = 1024
 _INT64_MAX = (1 << 63) - 1
@@ -540,9 +539,7 @@ class BNSyncService:
         """Bind and serve; returns the bound port (useful with ``port=0``)."""
         if self._server is not None:
             raise RuntimeError("BNSyncService already started")
-        calls = _CALLS_PER_MEMBER + (
-            _BLOCK_CALLS_PER_MEMBER if self.limits.max_block_request else 0
-        )
+        calls = _CALLS_PER_MEMBER + (BLOCK_CALLS_PER_MEMBER if self.limits.max_block_request else 0)
         workers = self._max_clients * calls + _SPARE_WORKERS
         self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="bn-sync")
         server = grpc.server(
