@@ -263,8 +263,9 @@ def test_a_wrong_config_fails_at_start_naming_the_key(override, message):
 # --- transport = "grpc": one Flower message per client and round, the sync over the service --
 
 
-def test_the_grpc_transport_gives_the_in_process_engine_model(tmp_path):
-    overrides = {"transport": "grpc", "local-steps": 2}
+@pytest.mark.parametrize("transport", ["grpc", "inprocess"])
+def test_a_transport_beside_flower_gives_the_in_process_engine_model(tmp_path, transport):
+    overrides = {"transport": transport, "local-steps": 2}
     result, grid = run(tmp_path, **overrides)
     cfg = RunConfig.from_flower({**BASE, **overrides})
     assert_is_the_in_process_model(result.arrays.to_torch_state_dict(), cfg)
@@ -273,6 +274,9 @@ def test_the_grpc_transport_gives_the_in_process_engine_model(tmp_path):
     assert [m.metadata.message_type for m in grid.sent] == [QUERY_PARTITION] * 3 + [
         "query.bn_sync_preflight"
     ] * 3 + [TRAIN_FEDTAN] * 3 * 2
+    from common.transports.inprocess import OPEN_HUBS
+
+    assert not OPEN_HUBS  # no in-process hub left open once the run is over
 
 
 def test_the_grpc_transport_uses_tls_when_configured(tmp_path):
@@ -404,21 +408,6 @@ def test_the_model_does_not_depend_on_the_node_ids_flower_draws(tmp_path, transp
 
 
 # --- transport = "inprocess": the clients are threads of the ServerApp's process ------------
-
-
-def test_the_inprocess_transport_gives_the_in_process_engine_model(tmp_path):
-    overrides = {"transport": "inprocess", "local-steps": 2}
-    result, grid = run(tmp_path, **overrides)
-    cfg = RunConfig.from_flower({**BASE, **overrides})
-    assert_is_the_in_process_model(result.arrays.to_torch_state_dict(), cfg)
-    # One Flower message per client and round (after one check before round 1), and no hub
-    # left open once the run is over.
-    assert [m.metadata.message_type for m in grid.sent] == [QUERY_PARTITION] * 3 + [
-        "query.bn_sync_preflight"
-    ] * 3 + [TRAIN_FEDTAN] * 3 * 2
-    from common.transports.inprocess import OPEN_HUBS
-
-    assert not OPEN_HUBS
 
 
 def test_a_client_failing_mid_step_in_process_releases_the_others_and_is_left_out(
