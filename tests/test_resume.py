@@ -184,8 +184,10 @@ def rounds_completed(out: Path) -> int:
         return 0
 
 
-def simulate(tmp_path: Path, name: str, run_config: dict, deadline: Deadline, kill_after=None):
-    """``flwr run . local`` of ``run_config`` (3 SuperNodes, 2 Ray actors); with
+def simulate(
+    tmp_path: Path, name: str, run_config: dict, deadline: Deadline, kill_after=None, actors=2
+):
+    """``flwr run . local`` of ``run_config`` (3 SuperNodes, ``actors`` Ray actors); with
     ``kill_after``: SIGKILL the ServerApp process (``flwr-simulation``) once that many rounds
     are complete. Every process it started is stopped before it returns."""
     home = tmp_path / f"{name}-home"
@@ -202,7 +204,9 @@ def simulate(tmp_path: Path, name: str, run_config: dict, deadline: Deadline, ki
             env=env,
             log_dir=tmp_path / f"{name}-logs",
             app_dir=APP_DIR,
-            federation_config="num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=2",
+            federation_config=(
+                f"num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus={actors}"
+            ),
         )
         procs.append(flwr)
         link = None

@@ -59,13 +59,6 @@ from server.checkpoint import load_state_dict, read_checkpoint
 from server.local_run import run_locally
 from server.processes import (
     Deadline,
-    ManagedProcess,
-    adopt_local_superlinks,
-    local_superlink_env,
-    start_flwr_run,
-    stop_processes,
-    write_flower_config,
-    write_run_config,
 )
 from tests.test_flower_app import assert_is_the_in_process_model
 
@@ -435,18 +428,10 @@ def test_a_wrong_rounds_per_message_fails_at_start_naming_the_key(override, mess
 def test_blocks_under_the_ray_simulation_give_the_in_process_engine_model(tmp_path):
     """``flwr run . local``: 3 simulated SuperNodes on 3 Ray actors, 6 rounds in blocks of 5
     (one of 5, one of 1); every process started is stopped (tests/test_flower_runtime.py)."""
-    from tests.test_flower_runtime import (
-        SIMULATION_TIMEOUT_S,
-        assert_same_model,
-        read_summary,
-        reference_config,
-        wait_for_cli,
-    )
+    from tests.test_flower_runtime import SIMULATION_TIMEOUT_S, assert_same_model, reference_config
+    from tests.test_resume import simulate
 
-    deadline = Deadline(SIMULATION_TIMEOUT_S)
-    home, out = tmp_path / "flwr-home", tmp_path / "out"
-    env = local_superlink_env(home)
-    write_flower_config(home, {"local": {"address": ":local:"}})
+    out = tmp_path / "out"
     run_config = {
         "dataset": "digits",
         "model": "small_cnn",
@@ -459,25 +444,8 @@ def test_blocks_under_the_ray_simulation_give_the_in_process_engine_model(tmp_pa
         "transport": "grpc",
         "rounds-per-message": 5,
     }
-    run_toml = write_run_config(tmp_path / "run-config.toml", run_config)
-    federation_config = "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=3"
-    procs: list[ManagedProcess] = []
-    try:
-        flwr = start_flwr_run(
-            "local",
-            run_toml,
-            env=env,
-            log_dir=tmp_path / "logs",
-            app_dir=APP_DIR,
-            federation_config=federation_config,
-        )
-        procs.append(flwr)
-        wait_for_cli(flwr, deadline)
-        procs += adopt_local_superlinks(home, procs)
-        summary = read_summary(out, procs[1:], deadline)
-        assert summary["status"] == "completed", summary
-        assert summary["rounds_completed"] == 6, summary
-    finally:
-        procs += adopt_local_superlinks(home, procs)
-        print(*stop_processes(procs), sep="\n")
+    simulate(tmp_path, "blocks", run_config, Deadline(SIMULATION_TIMEOUT_S), actors=3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    assert summary["rounds_completed"] == 6, summary
     assert_same_model(out / "model.pt", reference_config(run_config), 3)
