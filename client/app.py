@@ -91,16 +91,10 @@ def bn_backward(msg: Message, context: Context) -> Message:
 
 @app.query(QUERY_BN_SYNC_PREFLIGHT.action)
 def bn_sync_preflight(msg: Message, context: Context) -> Message:
-    """Join the round's BN sync service once, as the synced step will: proves it can."""
-    config = msg.content.config_records[CONFIG_RECORD]
-    if BN_SYNC_HUB in config:
-        with InProcessBNChannel(config, context.node_id) as channel:
-            channel.preflight()
-        return Message(RecordDict(), reply_to=msg)
+    """Join the BN sync service (or the in-process hub) once, as the synced step will: proves
+    it can."""
     probe = Moments(1, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
-    with GrpcBNChannel.from_train_config(
-        config, str(context.node_id), context.node_config
-    ) as channel:
+    with _synced_step_channel(msg, context) as channel:
         channel.reduce_moments("preflight", probe)
     return Message(RecordDict(), reply_to=msg)
 

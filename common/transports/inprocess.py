@@ -19,7 +19,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -186,8 +185,3 @@ class InProcessBNChannel(BNChannel):
         except BNSyncError:
             self.open_hub.echoed.add(self.node_id)
             raise
-
-    def preflight(self) -> None:
-        """Meet the other clients at the hub once, as the synced step will."""
-        zero = torch.zeros(1, dtype=torch.float64)
-        self.reduce_moments("preflight", Moments(1, zero, zero.clone()))
