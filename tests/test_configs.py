@@ -41,3 +41,20 @@ def test_the_reference_schedule_drops_lr_tenfold_at_round_6000():
         {**DEFAULTS, **tomllib.loads((ROOT / "configs/cifar10-noniid-e5.toml").read_text())}
     )
     assert cfg.lr_at(5999) == 0.5 and cfg.lr_at(6000) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if spec.keep != "none"])
+def test_resume_is_refused_for_methods_whose_bn_layers_stay_on_the_clients(method):
+    # A new run starts the clients' Flower contexts empty: their own BN layers would silently
+    # restart from the initial model, and the "resumed" run would not be the run.
+    norm = METHODS[method].norm or "batch"
+    RunConfig.from_flower({"method": method, "norm": norm})  # a fresh run is fine
+    with pytest.raises(ValueError, match=f"'resume'.*{method!r} keeps BN layers on the clients"):
+        RunConfig.from_flower({"method": method, "norm": norm, "resume": True})
+
+
+def test_resume_is_allowed_for_methods_that_keep_nothing_on_the_clients():
+    for method, spec in METHODS.items():
+        if spec.keep == "none":
+            norm = spec.norm or "batch"
+            assert RunConfig.from_flower({"method": method, "norm": norm, "resume": True}).resume

@@ -121,6 +121,13 @@ class RunConfig:
         device.check_device_name(self.device)
         if self.resume and self.overwrite:
             raise ValueError("run config 'resume' and 'overwrite' exclude each other")
+        if self.resume and methods.METHODS[self.method].keep != "none":
+            # Those BN entries live only in the clients' Flower context, which a new run starts
+            # empty: a "resumed" run would silently restart them from the initial model.
+            raise ValueError(
+                f"run config 'resume': method {self.method!r} keeps BN layers on the clients, "
+                "which a new run cannot restore; start the run again instead"
+            )
         if bool(self.bn_sync_certfile) != bool(self.bn_sync_keyfile):
             raise ValueError("run config 'bn-sync-certfile' and 'bn-sync-keyfile' go together")
         for name in ("lr", "dirichlet_alpha", "reply_timeout", "lr_gamma", "bn_sync_timeout"):
