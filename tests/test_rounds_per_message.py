@@ -379,24 +379,26 @@ def test_block_calls_need_the_blocks_credential_and_fit_the_models_size(tmp_path
     limits = Limits(max_block_request=block_request_size(spec), max_block_reply=plan_size(spec))
     with BNSyncService(timeout=1.0, max_clients=2, limits=limits) as service:
         _, credentials = service.open_block(7, ["1", "2"], spec, max_examples=12)
-        with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            call = channel.unary_unary(BLOCK_METHOD, _registered_method=True)
 
-            def ask(credential: str, request: bytes) -> grpc.StatusCode:
+        def ask(credential: str, request: bytes) -> grpc.StatusCode:
+            # A connection per call: the service ends connections after its timeout (1 s here),
+            # and a call racing that end gets UNAVAILABLE instead of the service's answer.
+            with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+                call = channel.unary_unary(BLOCK_METHOD, _registered_method=True)
                 try:
                     call(request, timeout=5, metadata=Caller(7, "1", credential).metadata())
                 except grpc.RpcError as error:
                     return error.code()
                 return grpc.StatusCode.OK
 
-            assert ask("not-the-credential", encode_next(-1)) == grpc.StatusCode.UNAUTHENTICATED
-            assert ask(credentials["2"], encode_next(-1)) == grpc.StatusCode.UNAUTHENTICATED
-            assert ask(credentials["1"], encode_next(-1)) == grpc.StatusCode.OK  # a WAIT
-            # The cap is the model's own size: a state twice as large never reaches a handler.
-            bigger = {**state, "extra": torch.zeros(sum(t.numel() for t in state.values()))}
-            upload = encode_upload(0, 12, 1.0, 0, encode_state(bigger))
-            assert len(upload) > block_request_size(spec)
-            assert ask(credentials["1"], upload) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ask("not-the-credential", encode_next(-1)) == grpc.StatusCode.UNAUTHENTICATED
+        assert ask(credentials["2"], encode_next(-1)) == grpc.StatusCode.UNAUTHENTICATED
+        assert ask(credentials["1"], encode_next(-1)) == grpc.StatusCode.OK  # a WAIT
+        # The cap is the model's own size: a state twice as large never reaches a handler.
+        bigger = {**state, "extra": torch.zeros(sum(t.numel() for t in state.values()))}
+        upload = encode_upload(0, 12, 1.0, 0, encode_state(bigger))
+        assert len(upload) > block_request_size(spec)
+        assert ask(credentials["1"], upload) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 # --- 4. config ---------------------------------------------------------------------------------
