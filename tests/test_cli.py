@@ -237,6 +237,7 @@ def test_evaluate_names_a_missing_run_folder(tmp_path):
 # --- runs through Flower ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_completes_owns_its_folder_and_a_failed_run_exits_non_zero(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(SMALL + "num-rounds = 5\n")
@@ -296,6 +297,7 @@ def test_a_run_completes_owns_its_folder_and_a_failed_run_exits_non_zero(tmp_pat
     assert_nothing_left(failed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_in_the_middle_of_a_run_stops_every_process_it_started(tmp_path, sig):
     config = tmp_path / "run.toml"
@@ -317,6 +319,7 @@ def test_a_signal_in_the_middle_of_a_run_stops_every_process_it_started(tmp_path
 # --- a federation with too few SuperNodes -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_federation_with_too_few_supernodes_fails_after_the_wait_with_a_hint(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(SMALL + "num-rounds = 2\nmin-nodes-timeout = 5.0\n")

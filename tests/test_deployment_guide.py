@@ -159,6 +159,7 @@ def test_the_files_the_guide_creates_are_ignored_by_git(tmp_path):
     assert not_ignored_by_git([*made, "state/superlink.db"]) == []
 
 
+@pytest.mark.slow
 def test_the_guide_deploys_over_tls_with_supernode_auth_and_grpc(tmp_path):
     steps, deadline, phases = guide_steps(), Deadline(TIMEOUT_S), PhaseTimer()
     link_port, sync_port, *node_ports = free_ports(2 + CLIENTS)

@@ -5,13 +5,15 @@
   node land on different actor processes.
 * Deployment: ``flower-superlink`` + two ``flower-supernode`` processes on 127.0.0.1, the run
   submitted with ``flwr run`` to a federation in ``$FLWR_HOME/config.toml``; every message runs in
-  a fresh ClientApp process.
+  a fresh ClientApp process. One round: with the "messages" transport that is 8 Flower exchanges,
+  each a fresh ClientApp process per client (a torch import: 2-6 s), about 100 s on a slow 2-core
+  machine. A deployed run resumed and extended is tested over grpc (tests/test_multihost.py).
 
 Each test has a hard time budget (every wait is bounded by it) and stops every process it
 started, including the detached local SuperLink and Ray's workers (``server/processes.py``).
 Traffic stays on 127.0.0.1 (free ports; Ray is told to bind the loopback address).
 Budgets: ``FEDTAN_SIMULATION_TEST_TIMEOUT_S`` (default 300), ``FEDTAN_DEPLOYMENT_TEST_TIMEOUT_S``
-(default 360); a deployment round is 7 exchanges of about 6 s on an idle 2-core machine.
+(default 360).
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ from server.processes import (
     write_flower_config,
     write_run_config,
 )
-from server.results import read_metrics_log
 from tests.test_flower_app import assert_is_the_in_process_model
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -112,6 +113,7 @@ def started_run_id(flwr: ManagedProcess) -> str | None:
 ACTORS = {"messages": 2, "grpc": 3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", sorted(ACTORS))
 def test_simulation_on_ray_actors_gives_the_in_process_engine_model(tmp_path, transport):
     deadline = Deadline(SIMULATION_TIMEOUT_S)
@@ -173,6 +175,7 @@ def test_simulation_on_ray_actors_gives_the_in_process_engine_model(tmp_path, tr
     print(f"total {deadline.elapsed():.0f} s; Ray actor pids {sorted(actors)}")
 
 
+@pytest.mark.slow
 def test_deployment_superlink_and_two_supernodes_give_the_in_process_engine_model(tmp_path):
     deadline = Deadline(DEPLOYMENT_TIMEOUT_S)
     home, out, log_dir = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
@@ -194,25 +197,10 @@ def test_deployment_superlink_and_two_supernodes_give_the_in_process_engine_mode
         assert summary["status"] == "completed", summary
         assert summary["rounds_completed"] == 1, summary
         assert all(node.running() for node in nodes), logs(nodes)
-        assert_same_model(out / "model.pt", reference_config(run_config), 2)
-        first_rows = read_metrics_log(out / "metrics.jsonl")
-
-        # The same federation resumes the run in its folder and extends it to round 2.
-        resumed_config = {**run_config, "num-rounds": 2, "resume": True}
-        resumed_toml = write_run_config(tmp_path / "resumed.toml", resumed_config)
-        again = start_flwr_run(
-            "deployment", resumed_toml, env=env, log_dir=log_dir / "resumed", app_dir=APP_DIR
-        )
-        procs.append(again)
-        wait_for_cli(again, deadline, [link, *nodes])
-        summary = read_summary(out, [link, *nodes], deadline)
-        assert (summary["status"], summary["rounds_completed"]) == ("completed", 2), summary
-        rows = read_metrics_log(out / "metrics.jsonl")
-        assert rows[:1] == first_rows and rows[1]["round"] == 2  # round 1 was not run again
     finally:
         run_s = deadline.elapsed()
         killed = stop_processes(procs)
         print(f"run {run_s:.0f} s, teardown {deadline.elapsed() - run_s:.0f} s", *killed, sep="\n")
 
-    assert_same_model(out / "model.pt", reference_config({**run_config, "num-rounds": 2}), 2)
+    assert_same_model(out / "model.pt", reference_config(run_config), 2)
     print(f"total {deadline.elapsed():.0f} s")

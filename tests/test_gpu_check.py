@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
@@ -23,6 +25,7 @@ def gpu_check(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_the_quick_cpu_mode_prints_every_row_the_gpu_check_prints():
     run = gpu_check("--quick", "--rounds", "3", "--batch", "2", "--clients", "2")
     assert run.returncode == 0, run.stdout + run.stderr

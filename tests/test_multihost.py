@@ -3,6 +3,7 @@
 * ``test_grpc_transport_in_deployment_...``: ``flower-superlink`` + two ``flower-supernode`` on
   127.0.0.1 (like tests/test_flower_runtime.py) with ``transport = "grpc"``: one Flower message
   per client and round; the clients' ClientApp processes sync live over the ServerApp's service.
+  The run stops after round 1 and is resumed, extended to round 2, on the same federation.
 * ``test_multihost_netns_...``: three "machines" as network namespaces on a bridge (in a fourth
   namespace, so nothing is added to the host's own network namespace): the SuperLink with TLS
   and SuperNode authentication, and the ServerApp's BN sync service with TLS, in one; a
@@ -50,6 +51,7 @@ from server.processes import (
     write_flower_config,
     write_run_config,
 )
+from server.results import read_metrics_log
 from tests.certs import make_certs
 from tests.test_flower_runtime import (
     APP_DIR,
@@ -94,12 +96,12 @@ def assert_grpc_run_gives_the_engine_model(out: Path, run_config: dict, phases) 
     print(f"in-process reference + compare {took:.1f} s; total {phases.elapsed():.1f} s")
 
 
+@pytest.mark.slow
 def test_grpc_transport_in_deployment_matches_in_process_engine(tmp_path):
     deadline, phases = Deadline(TIMEOUT_S), PhaseTimer()
     home, out, log_dir = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
     env = flower_env(home)
     run_config = {**BASE, **GRPC, **SYNC_TIMEOUT, "output-dir": str(out)}
-    run_toml = write_run_config(tmp_path / "run-config.toml", run_config)
 
     procs: list[ManagedProcess] = []
     try:
@@ -108,14 +110,29 @@ def test_grpc_transport_in_deployment_matches_in_process_engine(tmp_path):
         )
         phases.mark("superlink up, 2 supernodes connected")
 
-        flwr = start_flwr_run("deployment", run_toml, env=env, log_dir=log_dir, app_dir=APP_DIR)
-        procs.append(flwr)
-        wait_for_cli(flwr, deadline, [link, *nodes])
-        assert started_run_id(flwr), logs([flwr])
+        # Round 1, then the same federation resumes the run in its folder, extended to round 2.
+        first_toml = write_run_config(tmp_path / "first.toml", {**run_config, "num-rounds": 1})
+        first = start_flwr_run("deployment", first_toml, env=env, log_dir=log_dir, app_dir=APP_DIR)
+        procs.append(first)
+        wait_for_cli(first, deadline, [link, *nodes])
+        assert started_run_id(first), logs([first])
         summary = read_summary(out, [link, *nodes], deadline)
-        phases.mark(f"flwr run: {GRPC['num-rounds']} rounds over grpc")
+        assert (summary["status"], summary["rounds_completed"]) == ("completed", 1), summary
+        first_rows = read_metrics_log(out / "metrics.jsonl")
+        phases.mark("flwr run: round 1 over grpc")
+
+        resumed_toml = write_run_config(tmp_path / "resumed.toml", {**run_config, "resume": True})
+        again = start_flwr_run(
+            "deployment", resumed_toml, env=env, log_dir=log_dir / "resumed", app_dir=APP_DIR
+        )
+        procs.append(again)
+        wait_for_cli(again, deadline, [link, *nodes])
+        summary = read_summary(out, [link, *nodes], deadline)
+        phases.mark("flwr run --resume: round 2 over grpc")
         assert summary["status"] == "completed", summary
         assert summary["rounds_completed"] == GRPC["num-rounds"], summary
+        rows = read_metrics_log(out / "metrics.jsonl")
+        assert rows[:1] == first_rows and rows[1]["round"] == 2  # round 1 was not run again
         assert all(node.running() for node in nodes), logs(nodes)
     finally:
         killed = stop_processes(procs)
@@ -282,6 +299,7 @@ def wait_for_exit(proc: ManagedProcess, *, timeout: float) -> int:
         pytest.fail(f"{proc.name} still runs after {timeout:.0f} s\n" + logs([proc]))
 
 
+@pytest.mark.slow
 def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
     reason = netns_unavailable()
     if reason is not None:

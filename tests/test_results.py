@@ -394,6 +394,7 @@ def write_rounds_forever(out: str) -> None:
         print(server_round, flush=True)
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_moment_of_writing_leaves_a_consistent_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -232,6 +232,7 @@ def simulate(
         print(name, *stop_processes(procs), sep="\n")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process bookkeeping reads /proc")
 def test_a_simulation_killed_after_round_k_and_resumed_is_the_uninterrupted_one(tmp_path):
     deadline = Deadline(3 * SIMULATION_TIMEOUT_S)

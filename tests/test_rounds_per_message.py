@@ -427,6 +427,7 @@ def test_a_wrong_rounds_per_message_fails_at_start_naming_the_key(override, mess
 # --- under Flower's Ray simulation -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_blocks_under_the_ray_simulation_give_the_in_process_engine_model(tmp_path):
     """``flwr run . local``: 3 simulated SuperNodes on 3 Ray actors, 6 rounds in blocks of 5
     (one of 5, one of 1); every process started is stopped (tests/test_flower_runtime.py)."""
