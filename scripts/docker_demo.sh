@@ -37,6 +37,8 @@
 #                            between runs (default: none, everything in the temp folder)
 #   FEDTAN_DEMO_STORAGE_DRIVER  overlay2 | vfs                  [overlay2 if it works]
 #   FEDTAN_DEMO_MIRROR       Debian mirror for debootstrap    [http://deb.debian.org/debian]
+#   FEDTAN_DEMO_RUNS_AFTER   a file: the compose runs wait, once the images are built, until it
+#                            exists (CI builds beside its tests and runs on a quieter machine)
 #   TMPDIR                   where the temp folder goes (needs ~12 GB with overlay2)
 # Traffic: the host's package clients (apt/debootstrap, pip download), the builds to the
 # wheelhouse on 127.0.0.1, and the containers among themselves on their compose network
@@ -503,6 +505,14 @@ EOF
 }
 
 kill "$HTTP_PID" 2>/dev/null || true; wait "$HTTP_PID" 2>/dev/null || true; HTTP_PID=""
+
+# Flower's containers on a machine loaded by other work can miss their own deadlines (seen: the
+# ClientApps' task tokens refused after a slow round), so a caller can hold the runs back.
+if [ -n "${FEDTAN_DEMO_RUNS_AFTER:-}" ]; then
+    say "images built; the compose runs wait for $FEDTAN_DEMO_RUNS_AFTER"
+    while [ ! -e "$FEDTAN_DEMO_RUNS_AFTER" ]; do sleep 2; done
+    say "$FEDTAN_DEMO_RUNS_AFTER is there: starting the compose runs"
+fi
 
 status=0
 GRPC_FILES=()
