@@ -45,6 +45,7 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
     recorder = RunRecorder(cfg)  # refuses a folder of another run, before anything is written
     try:
         result, stop_reason = _run(grid, cfg, recorder)
+        recorder.flush()  # the last round's files are written (a failure to: the run failed)
     except BaseException as error:
         recorder.finish("failed", f"{type(error).__name__}: {error}")
         raise

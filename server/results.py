@@ -22,6 +22,12 @@ grown by ``VIEW_GROWTH`` since their last rewrite (every round for the first 100
 ``checkpoint-keep`` of them. TensorBoard event files are written next to ``metrics.csv`` when
 ``tensorboard`` is installed (``pip install fedtan[tensorboard]``).
 
+A round's files are written while the next round trains (``WriteBehind``): the disk's flushes
+(about 9 ms a round here) are not the clients' to wait for. One round is in flight at most, so
+the rounds reach the disk in order, a kill loses at most the round being written (a resumed run
+computes it again, to the same model), and a write that fails raises at the next round, in
+``flush`` or in ``finish``, which then tells that the run failed.
+
 Every method writes the same per-round ``COLUMNS`` (then any extra ones, e.g. the spread of the
 clients' accuracies when they evaluate): train loss (of each client's first step, weighted by
 samples; the union batch's for FedTAN and centralized), test loss and accuracy (of the global
@@ -39,14 +45,16 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord
 from flwr.common import log
 from flwr.serverapp.strategy import Result
 from torch import Tensor
@@ -141,6 +149,8 @@ class RunRecorder:
             self._write_views()
         self._write_summary("running", reason=None)
         self.events = _event_writer(self.dir, purge_step=self.first_round)
+        self._writes = WriteBehind()
+        self._round_in_flight = 0
 
     def record(
         self,
@@ -149,26 +159,46 @@ class RunRecorder:
         cost: Mapping[str, float],
         excluded_partitions: Iterable[int] = (),
     ) -> None:
-        """Round ``server_round`` is complete: its model, then its metrics, then the summary."""
+        """Round ``server_round`` is complete: its model, then its metrics, then the summary are
+        written in the background (the previous round's are on disk first; if they could not
+        be written, that error is raised here)."""
+        self._writes.wait()
         row: dict[str, float] = {"round": server_round}
         row.update(result.train_metrics_clientapp.get(server_round, {}))
         row.update(result.evaluate_metrics_serverapp.get(server_round, {}))
         row.update(result.evaluate_metrics_clientapp.get(server_round, {}))
         row.update(cost)
-        state = result.arrays.to_torch_state_dict()
+        self._log(row)
+        # The strategy replaces ``result.arrays`` each round, never changes it: safe to read
+        # while the next round runs.
+        arrays, excluded = result.arrays, frozenset(excluded_partitions)
+        self._writes.start(lambda: self._write_round(server_round, row, arrays, excluded))
+        self._round_in_flight = server_round
+
+    def flush(self) -> None:
+        """Wait until every round recorded so far is on disk; a write that failed raises."""
+        self._writes.wait()
+
+    def _write_round(
+        self, server_round: int, row: dict[str, float], arrays: ArrayRecord, excluded: frozenset
+    ) -> None:
         buffer = io.BytesIO()
         torch.save(
             make_checkpoint(
-                self.cfg, server_round, state, excluded_partitions=excluded_partitions, row=row
+                self.cfg,
+                server_round,
+                arrays.to_torch_state_dict(),
+                excluded_partitions=excluded,
+                row=row,
             ),
             buffer,
         )
         atomic_write(self.dir / MODEL_FILE, buffer.getvalue())
         if self.cfg.checkpoint_interval and server_round % self.cfg.checkpoint_interval == 0:
             self._keep_checkpoint(server_round, buffer.getvalue())
-        self.rows.append(row)
-        self.rounds_completed = server_round
         append_durably(self.dir / METRICS_LOG, _log_line(row))
+        self.rows.append(row)  # only now: the views and the summary never run ahead of the log
+        self.rounds_completed = server_round
         if len(self.rows) - self.views_rows >= VIEW_GROWTH * self.views_rows:
             self._write_views()
         self._write_summary("running", reason=None)
@@ -177,10 +207,20 @@ class RunRecorder:
                 if key != "round" and isinstance(value, int | float):
                     self.events.add_scalar(key, value, server_round)
             self.events.flush()
-        self._log(row)
 
     def finish(self, status: str, reason: str | None = None) -> None:
-        """How the run ended: "completed", "stopped" or "failed", and why."""
+        """How the run ended: "completed", "stopped" or "failed", and why. If the last round's
+        files could not be written, the run failed: that is written down and raised."""
+        write_error: BaseException | None = None
+        try:
+            self._writes.wait()
+        except Exception as error:  # noqa: BLE001 - re-raised below, once the summary is written
+            write_error = error
+            status = "failed"
+            reason = (
+                f"writing the results of round {self._round_in_flight}: "
+                f"{type(error).__name__}: {error}"
+            )
         try:
             if self.views_rows != len(self.rows):
                 self._write_views()
@@ -189,6 +229,8 @@ class RunRecorder:
         if self.events is not None:
             self.events.close()
             self.events = None
+        if write_error is not None:
+            raise write_error
 
     def _write_summary(self, status: str, reason: str | None) -> None:
         summary = {
@@ -236,6 +278,34 @@ class RunRecorder:
             row["seconds"],
             eta,
         )
+
+
+class WriteBehind:
+    """Runs one job at a time in a thread of its own: ``start`` hands over a job (after
+    ``wait``), ``wait`` joins the job in flight and raises what it raised."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, job: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="fedtan-results")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as error:  # noqa: BLE001 - handed to the thread that waits
+            self._error = error
 
 
 # --- the folder belongs to one run -----------------------------------------------------------

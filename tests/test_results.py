@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -290,6 +291,7 @@ def test_every_round_is_appended_to_the_log_and_the_views_are_rewritten_ever_les
         result = Result(arrays=state)
         result.train_metrics_clientapp[server_round] = MetricRecord({"train-loss": 1.0})
         recorder.record(server_round, result, {"seconds": 0.0})
+        recorder.flush()
         logged = results.read_metrics_log(out / "metrics.jsonl")
         assert [row["round"] for row in logged] == list(range(1, server_round + 1))
     recorder.finish("completed")
@@ -300,6 +302,92 @@ def test_every_round_is_appended_to_the_log_and_the_views_are_rewritten_ever_les
     # 100 rewrites, then one per 1 % of growth: log(4) / log(1.01) = 140 more, and the end.
     assert 100 < views <= 100 + math.ceil(math.log(rounds / 100) / math.log(1.01)) + 1
     assert_consistent(out, settled=True)
+
+
+def record_round(recorder: RunRecorder, server_round: int) -> None:
+    result = Result(arrays=ArrayRecord({"weight": torch.full((3,), float(server_round))}))
+    result.train_metrics_clientapp[server_round] = MetricRecord({"train-loss": 1.0})
+    recorder.record(server_round, result, {"seconds": 0.0})
+
+
+def test_a_rounds_files_are_written_while_the_next_round_runs_one_round_at_a_time(
+    tmp_path, monkeypatch
+):
+    """The disk's flushes are not the clients' to wait for: ``record`` hands the writes to a
+    thread and returns; the next ``record`` waits until they are done, so rounds reach the
+    disk in order."""
+    out = tmp_path / "out"
+    recorder = RunRecorder(RunConfig.from_flower({**BASE, "output-dir": str(out)}))
+    real_write, may_write, writing = results.atomic_write, threading.Event(), threading.Event()
+
+    def slow_model_write(path, data):
+        if Path(path).name == "model.pt":
+            writing.set()
+            assert may_write.wait(timeout=10), "the test never let the write finish"
+        real_write(path, data)
+
+    monkeypatch.setattr(results, "atomic_write", slow_model_write)
+    record_round(recorder, 1)  # returns although round 1's model is not written yet
+    assert writing.wait(timeout=60)
+    assert not (out / "model.pt").exists()
+
+    second = threading.Thread(target=record_round, args=(recorder, 2))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive(), "round 2 was recorded before round 1 was on disk"
+    may_write.set()
+    second.join(timeout=60)
+    assert not second.is_alive()
+    recorder.flush()
+    assert read_checkpoint(out)["round"] == 2
+    assert [row["round"] for row in results.read_metrics_log(out / "metrics.jsonl")] == [1, 2]
+    recorder.finish("completed")
+    assert summary(out)["status"] == "completed"
+    assert_consistent(out, settled=True)
+
+
+def test_a_write_that_fails_is_raised_at_the_next_round_and_the_run_says_it_failed(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    recorder = RunRecorder(RunConfig.from_flower({**BASE, "output-dir": str(out)}))
+    real_append = results.append_durably
+
+    def full_disk(path, line):
+        if b'"round": 2' in line:
+            raise OSError(28, "No space left on device")
+        real_append(path, line)
+
+    monkeypatch.setattr(results, "append_durably", full_disk)
+    record_round(recorder, 1)
+    record_round(recorder, 2)  # its write fails in the background ...
+    with pytest.raises(OSError, match="No space left"):
+        record_round(recorder, 3)  # ... and stops the run at the next round
+    recorder.finish("failed", "OSError: No space left on device")
+    assert summary(out)["status"] == "failed"
+    assert [row["round"] for row in results.read_metrics_log(out / "metrics.jsonl")] == [1]
+    assert_consistent(out)
+
+
+def test_a_last_round_whose_write_fails_makes_finish_tell_and_raise_it(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    recorder = RunRecorder(RunConfig.from_flower({**BASE, "output-dir": str(out)}))
+    real_append = results.append_durably
+
+    def full_disk(path, line):
+        if b'"round": 2' in line:
+            raise OSError(28, "No space left on device")
+        real_append(path, line)
+
+    monkeypatch.setattr(results, "append_durably", full_disk)
+    record_round(recorder, 1)
+    record_round(recorder, 2)
+    with pytest.raises(OSError, match="No space left"):
+        recorder.finish("completed")
+    ended = summary(out)
+    assert ended["status"] == "failed"
+    assert "round 2" in ended["reason"] and "No space left" in ended["reason"]
+    assert_consistent(out)
 
 
 def test_a_torn_last_line_of_the_log_is_dropped_at_the_next_start(tmp_path):
