@@ -13,10 +13,12 @@ run on the CPU (Ray hides the GPU from actors without a share). On CUDA the in-p
 reads follow ``torch.cuda.synchronize()``.
 
 Rounds after the first are timed (the first pays for process start-up and imports); evaluation
-only runs after the last round, which is excluded too. ``s/round`` is the median of those rounds,
-``mean`` their mean: with ``--rounds-per-message R`` (R rounds per Flower message, for the grpc
-rows) a block's first and last rounds carry its Flower message and reply, so the mean, which
-includes them, is the figure to compare.
+only runs after the last round, which is excluded too. A round's time is its ``seconds`` in the
+run's metrics: from the previous round's end to its own, so the server's bookkeeping between
+rounds (recording, sampling) counts, as it does for the run. ``s/round`` is the median of those
+rounds, ``mean`` their mean: with ``--rounds-per-message R`` (R rounds per Flower message, for
+the grpc rows) a block's first and last rounds carry its Flower message and reply, so the mean,
+which includes them, is the figure to compare.
 
 With ``--deployment`` it also runs the same config deployed, as FedAvg + BN (the floor: a round
 with no BN sync) and for each transport, and prints each FedTAN row against FedAvg + BN: one

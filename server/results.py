@@ -32,9 +32,10 @@ Every method writes the same per-round ``COLUMNS`` (then any extra ones, e.g. th
 clients' accuracies when they evaluate): train loss (of each client's first step, weighted by
 samples; the union batch's for FedTAN and centralized), test loss and accuracy (of the global
 model; the clients' mean for FedBN and SiloBN; blank between ``eval-interval`` rounds), wall
-seconds (training and evaluation), sequential round trips, bytes of the model (down and up
-together) and of the extra BN statistics (down, up) of training, and round trips and bytes of
-client-side evaluation.
+seconds (from the previous round's end: training, evaluation and the bookkeeping between
+rounds, so that they add up to the run's time), sequential round trips, bytes of the model
+(down and up together) and of the extra BN statistics (down, up) of training, and round trips
+and bytes of client-side evaluation.
 """
 
 from __future__ import annotations

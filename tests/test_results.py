@@ -243,6 +243,28 @@ def test_checkpoints_every_n_rounds_keep_the_last_few(tmp_path, interval, keep, 
         assert files[-1].read_bytes() == (out / "model.pt").read_bytes()
 
 
+def test_a_rounds_seconds_run_from_the_previous_rounds_end_so_they_add_up_to_the_run(
+    tmp_path, monkeypatch
+):
+    """What happens between two rounds (here a recording made slow on purpose) is part of the
+    next round's seconds, as it is of the run's wall time."""
+    pause = 0.5
+    real_record = RunRecorder.record
+
+    def slow_record(self, *args, **kwargs):
+        real_record(self, *args, **kwargs)
+        time.sleep(pause)
+
+    monkeypatch.setattr(RunRecorder, "record", slow_record)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    run(out, **{"num-rounds": 3})
+    wall = time.monotonic() - started
+    seconds = [row["seconds"] for row in json.loads((out / "metrics.json").read_text())]
+    assert all(s >= pause for s in seconds[1:]), seconds
+    assert sum(seconds) <= wall
+
+
 def test_tensorboard_events_hold_every_rounds_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
