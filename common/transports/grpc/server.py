@@ -260,6 +260,9 @@ class GrpcBlock:
         settings = TrainSettings.from_config(plan.config)
         self.settings = dataclasses.replace(settings, lr=0.0)  # all but lr hold for the block
         self.rounds, self.next_round, self.timeout = 0, plan.server_round, plan.timeout
+        # The ArrayRecord the block's last round returned, and the state it was made from: the
+        # strategy hands it back as the next round's model, which then need not be decoded.
+        self._last_average: tuple[ArrayRecord, dict[str, torch.Tensor]] | None = None
         self.block, credentials = transport.service.open_block(
             block_id,
             [str(node) for node in self.members],
@@ -319,7 +322,7 @@ class GrpcBlock:
         seq, self.rounds, self.next_round = self.rounds, self.rounds + 1, plan.server_round + 1
         sampled = [str(node) for node in plan.nodes]
         credentials = service.open_round(round_id, sampled, schedule)
-        state = encode_state(plan.arrays.to_torch_state_dict())
+        state = encode_state(self._state_of(plan.arrays))
         lr = TrainSettings.from_config(plan.config).lr
         plans = {
             member: encode_plan(
@@ -351,7 +354,15 @@ class GrpcBlock:
             plan.traffic.model_bytes += len(state) * (len(plans) + len(updates))
         if self.rounds == self.transport.rounds_per_message:
             self.transport.end_block("the block's last round is done")
-        return ArrayRecord(averaged), MetricRecord(metrics)
+        arrays = ArrayRecord(averaged)
+        self._last_average = (arrays, averaged)
+        return arrays, MetricRecord(metrics)
+
+    def _state_of(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """``arrays`` as tensors: the block's own last average needs no decoding."""
+        if self._last_average is not None and self._last_average[0] is arrays:
+            return self._last_average[1]
+        return arrays.to_torch_state_dict()
 
     def end(self, reason: str, culprits: frozenset[int] = frozenset()) -> None:
         """Tell the members the block ended; collect their Flower replies (not the culprits')."""
