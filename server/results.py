@@ -181,7 +181,11 @@ class RunRecorder:
         self._writes.wait()
 
     def _write_round(
-        self, server_round: int, row: dict[str, float], arrays: ArrayRecord, excluded: frozenset
+        self,
+        server_round: int,
+        row: dict[str, float],
+        arrays: ArrayRecord,
+        excluded: frozenset[int],
     ) -> None:
         buffer = io.BytesIO()
         torch.save(
@@ -211,17 +215,20 @@ class RunRecorder:
 
     def finish(self, status: str, reason: str | None = None) -> None:
         """How the run ended: "completed", "stopped" or "failed", and why. If the last round's
-        files could not be written, the run failed: that is written down and raised."""
+        files could not be written, the run failed: that is written down (after the reason
+        given, if any) and raised."""
         write_error: BaseException | None = None
         try:
             self._writes.wait()
         except Exception as error:  # noqa: BLE001 - re-raised below, once the summary is written
             write_error = error
-            status = "failed"
-            reason = (
+            failure = (
                 f"writing the results of round {self._round_in_flight}: "
                 f"{type(error).__name__}: {error}"
             )
+            # A run failing already keeps its own reason first.
+            reason = f"{reason}; then {failure}" if status == "failed" and reason else failure
+            status = "failed"
         try:
             if self.views_rows != len(self.rows):
                 self._write_views()

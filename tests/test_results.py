@@ -391,7 +391,10 @@ def test_a_write_that_fails_is_raised_at_the_next_round_and_the_run_says_it_fail
     assert_consistent(out)
 
 
-def test_a_last_round_whose_write_fails_makes_finish_tell_and_raise_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("status", ["completed", "failed"])
+def test_a_last_round_whose_write_fails_makes_finish_tell_and_raise_it(
+    tmp_path, monkeypatch, status
+):
     out = tmp_path / "out"
     recorder = RunRecorder(RunConfig.from_flower({**BASE, "output-dir": str(out)}))
     real_append = results.append_durably
@@ -405,10 +408,12 @@ def test_a_last_round_whose_write_fails_makes_finish_tell_and_raise_it(tmp_path,
     record_round(recorder, 1)
     record_round(recorder, 2)
     with pytest.raises(OSError, match="No space left"):
-        recorder.finish("completed")
+        recorder.finish(status, "a client vanished" if status == "failed" else None)
     ended = summary(out)
     assert ended["status"] == "failed"
     assert "round 2" in ended["reason"] and "No space left" in ended["reason"]
+    if status == "failed":  # the run's own reason comes first
+        assert ended["reason"].startswith("a client vanished; then writing")
     assert_consistent(out)
 
 
