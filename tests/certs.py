@@ -1,7 +1,10 @@
-"""Throwaway TLS material for tests: a CA and a server certificate it signs.
+"""Throwaway TLS material for tests: a CA and a server certificate it signs; for mutual TLS, a
+client CA and client certificates it signs.
 
     certs = make_certs(tmp_path)            # files ca.pem, server.pem, server.key in tmp_path
     server: (certs.server_chain, certs.server_key)    client: certs.ca_cert
+    clients = make_client_certs(tmp_path, ["c0"])     # client-ca.pem, c0.pem, c0.key
+    service: clients.ca_cert    client c0: clients.chains["c0"] (chain, key)
 
 ECDSA P-256 keys, so that generating them takes milliseconds. The server certificate is valid for
 127.0.0.1, ::1 and localhost unless other ``hosts`` are given (IP addresses or DNS names).
@@ -96,6 +99,60 @@ def make_certs(
         (directory / "server.key").write_bytes(bundle.server_key)
         (directory / "server.key").chmod(0o600)
     return bundle
+
+
+@dataclass(frozen=True)
+class ClientCerts:
+    """PEM bytes: the client CA, and per client name its (certificate chain, private key)."""
+
+    ca_cert: bytes
+    chains: dict[str, tuple[bytes, bytes]]
+
+
+def make_client_certs(
+    directory: Path | None = None, names: tuple[str, ...] | list[str] = ("client",), days: int = 1
+) -> ClientCerts:
+    """A fresh client CA and a client certificate (client-auth usage) per name; also written to
+    ``directory`` when given: ``client-ca.pem``, ``<name>.pem`` (chain), ``<name>.key``."""
+    now = dt.datetime.now(dt.UTC)
+    validity = (now - dt.timedelta(minutes=5), now + dt.timedelta(days=days))
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtan test client CA")])
+    ca_cert = (
+        _builder(ca_name, ca_name, ca_key.public_key(), validity)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    chains = {}
+    for name in names:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            _builder(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]),
+                ca_name,
+                key.public_key(),
+                validity,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        chains[name] = (cert.public_bytes(serialization.Encoding.PEM) + ca_pem, key_pem)
+    if directory is not None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "client-ca.pem").write_bytes(ca_pem)
+        for name, (chain, key_pem) in chains.items():
+            (directory / f"{name}.pem").write_bytes(chain)
+            (directory / f"{name}.key").write_bytes(key_pem)
+            (directory / f"{name}.key").chmod(0o600)
+    return ClientCerts(ca_cert=ca_pem, chains=chains)
 
 
 def _builder(

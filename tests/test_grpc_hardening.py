@@ -49,7 +49,7 @@ from common.transports.grpc.wire import (
 )
 from server.checkpoint import load_state_dict
 from tests import test_grpc_bn_sync as plain
-from tests.certs import make_certs
+from tests.certs import make_certs, make_client_certs
 from tests.float_noise import assert_within_rounding_noise
 from tests.test_grpc_bn_sync import (
     CLIENTS,
@@ -564,49 +564,13 @@ def test_a_tls_client_of_a_plaintext_service_is_told_of_the_handshake(services, 
         channel.reduce_moments("bn1", moments(0))
 
 
-def client_certificate(tmp_path) -> tuple[bytes, tuple[bytes, bytes]]:
-    """A CA for clients, and a client certificate (chain, key) it signed: PEM."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.UTC)
-
-    def certificate(subject: str, key, issuer: str, signer, ca: bool) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
-            builder = builder.add_extension(usage, critical=False)
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("client CA", ca_key, "client CA", ca_key, ca=True)
-    cert = certificate("client 1", key, "client CA", ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return ca.public_bytes(pem), (cert.public_bytes(pem) + ca.public_bytes(pem), key_pem)
-
-
 def test_mutual_tls_admits_only_clients_with_a_certificate_of_its_ca(
     services, channels, tmp_path
 ) -> None:
     server = make_certs(tmp_path / "server")
-    client_ca, good = client_certificate(tmp_path)
-    _, other = client_certificate(tmp_path / "other")
+    clients = make_client_certs(names=["c0"])
+    client_ca, good = clients.ca_cert, clients.chains["c0"]
+    other = make_client_certs(names=["c0"]).chains["c0"]  # signed by another client CA
     service = services(tls=(server.server_chain, server.server_key), client_ca=client_ca)
     assert service.security == "mutual TLS"
     credentials = service.open_round(1, ["c0"])

@@ -6,10 +6,11 @@
   The run stops after round 1 and is resumed, extended to round 2, on the same federation.
 * ``test_multihost_netns_...``: three "machines" as network namespaces on a bridge (in a fourth
   namespace, so nothing is added to the host's own network namespace): the SuperLink with TLS
-  and SuperNode authentication, and the ServerApp's BN sync service with TLS, in one; a
-  SuperNode in each of the others, reaching the server over 10.251.0.0/24 only. It also checks
-  that the BN sync service speaks TLS only, and that a SuperNode with an unregistered key is
-  refused.
+  and SuperNode authentication, and the ServerApp's BN sync service with mutual TLS, in one; a
+  SuperNode in each of the others, with its own client certificate in its node config, reaching
+  the server over 10.251.0.0/24 only. It also checks that the BN sync service admits only TLS
+  clients with a certificate of its client CA, and that a SuperNode with an unregistered key
+  is refused.
 
 Every wait is bounded by the test's budget (``FEDTAN_MULTIHOST_TEST_TIMEOUT_S``, default 300,
 per test); every process, namespace, veth and the bridge are removed in ``finally``. Run with
@@ -52,7 +53,7 @@ from server.processes import (
     write_run_config,
 )
 from server.results import read_metrics_log
-from tests.certs import make_certs
+from tests.certs import make_certs, make_client_certs
 from tests.test_flower_runtime import (
     APP_DIR,
     BASE,
@@ -153,7 +154,7 @@ CAP_NET_ADMIN = 12
 TLS_PROBE = r"""
 import json, sys
 import grpc
-address, method, ca, other_ca = sys.argv[1:5]
+address, method, ca, other_ca, client, stranger = sys.argv[1:7]
 
 def call(channel):
     try:
@@ -164,14 +165,21 @@ def call(channel):
     finally:
         channel.close()
 
-def tls(path):
+def read(path):
     with open(path, "rb") as f:
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()))
+        return f.read()
+
+def tls(path, client=None):
+    chain, key = (read(client + ".pem"), read(client + ".key")) if client else (None, None)
+    credentials = grpc.ssl_channel_credentials(read(path), key, chain)
+    return grpc.secure_channel(address, credentials)
 
 print(json.dumps({
     "plaintext": call(grpc.insecure_channel(address)),
-    "tls": call(tls(ca)),
-    "tls-other-ca": call(tls(other_ca)),
+    "tls-no-client-certificate": call(tls(ca)),
+    "tls-other-ca": call(tls(other_ca, client)),
+    "mutual-tls": call(tls(ca, client)),
+    "mutual-tls-other-client-ca": call(tls(ca, stranger)),
 }))
 """
 
@@ -300,7 +308,7 @@ def wait_for_exit(proc: ManagedProcess, *, timeout: float) -> int:
 
 
 @pytest.mark.slow
-def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
+def test_multihost_netns_mutual_tls_and_supernode_auth_over_grpc(tmp_path):
     reason = netns_unavailable()
     if reason is not None:
         pytest.skip(reason)
@@ -311,6 +319,10 @@ def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
     # 127.0.0.1, which the SuperLink's own SuperExec uses.
     make_certs(certs, hosts=(SERVER_IP, "127.0.0.1"))
     make_certs(other_certs, hosts=(SERVER_IP, "127.0.0.1"))  # a CA the service does not use
+    # Mutual TLS for the BN sync service: each SuperNode's own client certificate, and one of
+    # another client CA for the probe.
+    make_client_certs(certs / "clients", ["c0", "c1"])
+    make_client_certs(other_certs / "clients", ["c0"])
     node_keys = [supernode_key(keys, f"client-{k}") for k in range(2)]
     rogue_private, _ = supernode_key(keys, "rogue")  # never registered
     # One FLWR_HOME per machine, and one for the operator's CLI.
@@ -335,6 +347,7 @@ def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
         "bn-sync-certfile": str(certs / "server.pem"),
         "bn-sync-keyfile": str(certs / "server.key"),
         "bn-sync-ca-certfile": str(certs / "ca.pem"),
+        "bn-sync-client-ca-certfile": str(certs / "clients" / "client-ca.pem"),
     }
     run_toml = write_run_config(tmp_path / "run-config.toml", run_config)
     lab = Lab({"server": SERVER_IP, "c0": f"{SUBNET}.11", "c1": f"{SUBNET}.12"})
@@ -349,7 +362,15 @@ def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
         procs.append(proc)
         return proc
 
-    def supernode(role: str, name: str, key: Path, port: int, partition: int) -> ManagedProcess:
+    def supernode(
+        role: str, name: str, key: Path, port: int, partition: int, *, certified: bool = True
+    ) -> ManagedProcess:
+        node_config = f"partition-id={partition} num-partitions=2"
+        if certified:  # its client certificate for the BN sync service's mutual TLS
+            client = certs / "clients" / role
+            node_config += (
+                f" bn-sync-client-certfile='{client}.pem' bn-sync-client-keyfile='{client}.key'"
+            )
         cmd = [
             *flower_bin("flower-supernode"),
             "--superlink",
@@ -363,7 +384,7 @@ def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
             "--port",
             str(port),
             "--node-config",
-            f"partition-id={partition} num-partitions=2",
+            node_config,
         ]
         return start(role, cmd, name)
 
@@ -412,7 +433,9 @@ def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
         phases.mark("2 supernode keys registered")
 
         # Its key is not registered: it must be refused (it runs while the rest goes on).
-        rogue = supernode("c1", "supernode-rogue", rogue_private, ROGUE_PORT, partition=1)
+        rogue = supernode(
+            "c1", "supernode-rogue", rogue_private, ROGUE_PORT, partition=1, certified=False
+        )
         run = start(
             "cli",
             [*flwr, "run", ".", "fedtan", "--run-config", str(run_toml), "--stream"],
@@ -432,7 +455,8 @@ def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
         probe = subprocess.run(
             [*lab.exec("c0"), sys.executable, "-c", TLS_PROBE]
             + [f"{SERVER_IP}:{SYNC_PORT}", REDUCE_METHOD]
-            + [str(certs / "ca.pem"), str(other_certs / "ca.pem")],
+            + [str(certs / "ca.pem"), str(other_certs / "ca.pem")]
+            + [str(certs / "clients" / "c0"), str(other_certs / "clients" / "c0")],
             capture_output=True,
             text=True,
             timeout=deadline.remaining(at_most=90),
@@ -441,14 +465,21 @@ def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
         assert probe.returncode == 0, probe.stderr
         seen = json.loads(probe.stdout.strip().splitlines()[-1])
         print("BN sync service probed from a client namespace:", json.dumps(seen, indent=1))
-        # The service answers a TLS client that trusts the CA (it refuses a call that names no
-        # round, client and credential, from the headers alone) ...
-        assert seen["tls"][0] == "UNAUTHENTICATED", seen
-        assert "credential in its metadata" in seen["tls"][1], seen
-        # ... and no plaintext client, nor one that does not trust its certificate.
-        assert seen["plaintext"][0] == "UNAVAILABLE", seen
-        assert seen["tls-other-ca"][0] == "UNAVAILABLE", seen
-        phases.mark("BN sync TLS probe (plaintext, TLS, other CA)")
+        # The service answers a TLS client that trusts the CA and shows a certificate of the
+        # client CA (it refuses a call that names no round, client and credential, from the
+        # headers alone) ...
+        assert seen["mutual-tls"][0] == "UNAUTHENTICATED", seen
+        assert "credential in its metadata" in seen["mutual-tls"][1], seen
+        # ... and no plaintext client, none without a client certificate or with one of another
+        # client CA, nor one that does not trust the service's certificate: no handshake.
+        for refused in (
+            "plaintext",
+            "tls-no-client-certificate",
+            "mutual-tls-other-client-ca",
+            "tls-other-ca",
+        ):
+            assert seen[refused][0] == "UNAVAILABLE", (refused, seen)
+        phases.mark("BN sync mutual TLS probe (plaintext, no or other client cert, other CA)")
 
         nodes = [
             supernode(f"c{k}", f"supernode-{k}", private, NODE_PORT, partition=k)
@@ -471,7 +502,7 @@ def test_multihost_netns_tls_and_supernode_auth_over_grpc(tmp_path):
         wait_for_cli(run, deadline, [link, *nodes])
         assert started_run_id(run), logs([run])
         summary = read_summary(out, [link, *nodes], deadline)
-        phases.mark(f"flwr run: {GRPC['num-rounds']} rounds over grpc + TLS")
+        phases.mark(f"flwr run: {GRPC['num-rounds']} rounds over grpc + mutual TLS")
         assert summary["status"] == "completed", summary
         assert summary["rounds_completed"] == GRPC["num-rounds"], summary
         assert all(node.running() for node in nodes), logs(nodes)
