@@ -368,10 +368,8 @@ def test_a_rounds_files_are_written_while_the_next_round_runs_one_round_at_a_tim
     assert_consistent(out, settled=True)
 
 
-def test_a_write_that_fails_is_raised_at_the_next_round_and_the_run_says_it_failed(
-    tmp_path, monkeypatch
-):
-    out = tmp_path / "out"
+def recorder_whose_disk_fills_at_round_2(out: Path, monkeypatch) -> RunRecorder:
+    """A recorder into ``out`` whose append of round 2's metrics row fails: a full disk."""
     recorder = RunRecorder(RunConfig.from_flower({**BASE, "output-dir": str(out)}))
     real_append = results.append_durably
 
@@ -381,6 +379,14 @@ def test_a_write_that_fails_is_raised_at_the_next_round_and_the_run_says_it_fail
         real_append(path, line)
 
     monkeypatch.setattr(results, "append_durably", full_disk)
+    return recorder
+
+
+def test_a_write_that_fails_is_raised_at_the_next_round_and_the_run_says_it_failed(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    recorder = recorder_whose_disk_fills_at_round_2(out, monkeypatch)
     record_round(recorder, 1)
     record_round(recorder, 2)  # its write fails in the background ...
     with pytest.raises(OSError, match="No space left"):
@@ -396,15 +402,7 @@ def test_a_last_round_whose_write_fails_makes_finish_tell_and_raise_it(
     tmp_path, monkeypatch, status
 ):
     out = tmp_path / "out"
-    recorder = RunRecorder(RunConfig.from_flower({**BASE, "output-dir": str(out)}))
-    real_append = results.append_durably
-
-    def full_disk(path, line):
-        if b'"round": 2' in line:
-            raise OSError(28, "No space left on device")
-        real_append(path, line)
-
-    monkeypatch.setattr(results, "append_durably", full_disk)
+    recorder = recorder_whose_disk_fills_at_round_2(out, monkeypatch)
     record_round(recorder, 1)
     record_round(recorder, 2)
     with pytest.raises(OSError, match="No space left"):
