@@ -42,30 +42,8 @@ def make_certs(
     days: int = 1,
 ) -> CertBundle:
     """A fresh CA and server certificate; also written to ``directory`` when given."""
-    now = dt.datetime.now(dt.UTC)
-    validity = (now - dt.timedelta(minutes=5), now + dt.timedelta(days=days))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtan test CA")])
-    ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key(), validity)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )  # fmt: skip
-        .sign(ca_key, hashes.SHA256())
-    )
+    validity = _validity(days)
+    ca_key, ca_name, ca_cert = _ca("fedtan test CA", validity)
 
     key = ec.generate_private_key(ec.SECP256R1())
     names = [_general_name(h) for h in hosts]
@@ -85,11 +63,7 @@ def make_certs(
     bundle = CertBundle(
         ca_cert=ca_cert.public_bytes(serialization.Encoding.PEM),
         server_cert=cert.public_bytes(serialization.Encoding.PEM),
-        server_key=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
+        server_key=_private_pem(key),
     )
     if directory is not None:
         directory = Path(directory)
@@ -114,15 +88,8 @@ def make_client_certs(
 ) -> ClientCerts:
     """A fresh client CA and a client certificate (client-auth usage) per name; also written to
     ``directory`` when given: ``client-ca.pem``, ``<name>.pem`` (chain), ``<name>.key``."""
-    now = dt.datetime.now(dt.UTC)
-    validity = (now - dt.timedelta(minutes=5), now + dt.timedelta(days=days))
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtan test client CA")])
-    ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key(), validity)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    validity = _validity(days)
+    ca_key, ca_name, ca_cert = _ca("fedtan test client CA", validity)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     chains = {}
     for name in names:
@@ -138,12 +105,7 @@ def make_client_certs(
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        chains[name] = (cert.public_bytes(serialization.Encoding.PEM) + ca_pem, key_pem)
+        chains[name] = (cert.public_bytes(serialization.Encoding.PEM) + ca_pem, _private_pem(key))
     if directory is not None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -153,6 +115,47 @@ def make_client_certs(
             (directory / f"{name}.key").write_bytes(key_pem)
             (directory / f"{name}.key").chmod(0o600)
     return ClientCerts(ca_cert=ca_pem, chains=chains)
+
+
+def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
+    now = dt.datetime.now(dt.UTC)
+    return now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+
+
+def _ca(
+    common_name: str, validity: tuple[dt.datetime, dt.datetime]
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Name, x509.Certificate]:
+    """A self-signed CA: its key, name and certificate."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    ca_cert = (
+        _builder(ca_name, ca_name, ca_key.public_key(), validity)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .sign(ca_key, hashes.SHA256())
+    )
+    return ca_key, ca_name, ca_cert
+
+
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def _builder(
