@@ -24,7 +24,7 @@ from common.experiment.methods import METHODS, centralized_round, local_keys
 from common.fedtan import Batch
 from common.fedtan.bn_channel import BNSyncError, check_moments
 from common.protocol import FREEZE_BN_STATS, MODEL_RECORD, NUM_EXAMPLES, TRAIN_LOSS, TrainSettings
-from common.transports.base import FailureKind, RoundFailure, RoundPlan
+from common.transports.base import FailureKind, RoundFailure, RoundPlan, RoundSync
 from server.strategy import RoundStrategy
 
 BatchesFn = Callable[[int, int, int], Sequence[Sequence[Batch]]]
@@ -111,7 +111,7 @@ class Centralized(RoundStrategy):
         return ()
 
     def run_round(
-        self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord
+        self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, sync: RoundSync
     ) -> tuple[ArrayRecord, MetricRecord]:
         settings = TrainSettings.from_config(plan.config)
         self.model.load_state_dict(arrays.to_torch_state_dict())

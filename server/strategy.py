@@ -16,6 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -51,6 +52,23 @@ from common.transports.base import (
 from common.transports.exchange import Traffic, exchange
 
 RoundCallback = Callable[[int, Result, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class OpenedRound:
+    """An attempt at a round, opened: its plan, its ``RoundSync`` and where its traffic is
+    counted. A round opened ahead (``Transport.trains_ahead``) trains while the round before it
+    is evaluated and recorded."""
+
+    plan: RoundPlan
+    sync: RoundSync
+    traffic: Traffic  # the plan's
+
+    def abandon(self, why: str) -> None:
+        """The round is not wanted after all: release it, and its clients stop."""
+        self.sync.abort(RoundFailure(why, FailureKind.EXCHANGE))
+
+
 # A round's evaluation: by the clients (configure_evaluate) and by the server (evaluate_fn).
 Evaluation = tuple[MetricRecord | None, MetricRecord | None]
 
@@ -254,38 +272,50 @@ class RoundStrategy(Strategy):
         # A round's seconds run from the previous round's end to its own: the bookkeeping in
         # between (recording, sampling) is part of what a round costs.
         previous_end = time.monotonic()
-        for server_round in range(rounds_done + 1, num_rounds + 1):
-            traffic, eval_traffic = Traffic(), Traffic()
-            outcome = self._train_round(
-                grid,
-                server_round,
-                result.arrays,
-                train_config,
-                timeout,
-                traffic,
-                evaluate=lambda arrays, r=server_round, t=eval_traffic: evaluate(r, arrays, t),
-            )
-            if outcome is None:
-                log(
-                    WARNING,
-                    "Stopping after round %d: the global model of that round is kept",
-                    server_round - 1,
+        # The next round, when it was opened ahead: its clients train while this one ends.
+        ahead: OpenedRound | None = None
+        try:
+            for server_round in range(rounds_done + 1, num_rounds + 1):
+                traffic = ahead.traffic if ahead is not None else Traffic()
+                eval_traffic = Traffic()
+                outcome = self._train_round(
+                    grid,
+                    server_round,
+                    result.arrays,
+                    train_config,
+                    timeout,
+                    traffic,
+                    evaluate=lambda arrays, r=server_round, t=eval_traffic: evaluate(r, arrays, t),
+                    opened=ahead,
+                    last=server_round == num_rounds,
                 )
-                break
-            result.arrays, result.train_metrics_clientapp[server_round], evaluation = outcome
-            record(server_round, evaluation)
-            now = time.monotonic()
-            seconds, previous_end = now - previous_end, now
-            if self.on_round is not None:
-                cost = {
-                    "seconds": seconds,
-                    **vars(traffic),
-                    "eval_round_trips": eval_traffic.round_trips,
-                    "eval_bytes": eval_traffic.model_bytes
-                    + eval_traffic.bn_bytes_down
-                    + eval_traffic.bn_bytes_up,
-                }
-                self.on_round(server_round, result, cost)
+                if outcome is None:
+                    ahead = None
+                    log(
+                        WARNING,
+                        "Stopping after round %d: the global model of that round is kept",
+                        server_round - 1,
+                    )
+                    break
+                arrays, result.train_metrics_clientapp[server_round], evaluation, ahead = outcome
+                result.arrays = arrays
+                record(server_round, evaluation)
+                now = time.monotonic()
+                seconds, previous_end = now - previous_end, now
+                if self.on_round is not None:
+                    cost = {
+                        "seconds": seconds,
+                        **vars(traffic),
+                        "eval_round_trips": eval_traffic.round_trips,
+                        "eval_bytes": eval_traffic.model_bytes
+                        + eval_traffic.bn_bytes_down
+                        + eval_traffic.bn_bytes_up,
+                    }
+                    self.on_round(server_round, result, cost)
+        except BaseException as error:
+            if ahead is not None:
+                ahead.abandon(f"the run ended: {error!r}")
+            raise
         return result
 
     def resume_from(self, rounds_done: int, excluded_partitions: Iterable[int]) -> None:
@@ -428,10 +458,10 @@ class RoundStrategy(Strategy):
         return DirectRound(self.train_message(plan, node) for node in plan.nodes)
 
     def run_round(
-        self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord
+        self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, sync: RoundSync
     ) -> tuple[ArrayRecord, MetricRecord]:
-        """One attempt at a round: train messages out, replies averaged into ``arrays``."""
-        sync = self.open_sync(grid, plan)
+        """One attempt at a round, opened as ``sync``: train messages out, replies averaged
+        into ``arrays``."""
         try:
             outcome = sync.averaged()  # a transport that averaged the round itself
             if outcome is None:
@@ -447,6 +477,8 @@ class RoundStrategy(Strategy):
             _check_reply_models(replies, expected=frozenset(plan.arrays.keys()))
             outcome = self.aggregate_train(plan.server_round, replies.values())
         averaged, metrics = outcome
+        if list(averaged.keys()) == list(arrays.keys()):
+            return averaged, metrics  # as it came: a transport may know it again (blocks do)
         merged = ArrayRecord()
         for key, array in arrays.items():  # the clients' own entries keep the server's value
             merged[key] = averaged[key] if key in averaged else array
@@ -461,16 +493,39 @@ class RoundStrategy(Strategy):
         timeout: float,
         traffic: Traffic,
         evaluate: Callable[[ArrayRecord], Evaluation],
-    ) -> tuple[ArrayRecord, MetricRecord, Evaluation] | None:
+        opened: OpenedRound | None = None,
+        last: bool = False,
+    ) -> tuple[ArrayRecord, MetricRecord, Evaluation, OpenedRound | None] | None:
+        """The attempts at ``server_round`` (the first one ``opened`` ahead, if given): its model,
+        metrics, evaluation and, unless ``last``, the next round if it was opened ahead
+        (``_open_ahead``; abandoned here if this round fails after all)."""
         for attempt in range(self.max_retries + 1):
             try:
-                plan = self.plan_round(
-                    grid, server_round, attempt, arrays, config, timeout=timeout, traffic=traffic
-                )
-                new_arrays, metrics = self.run_round(grid, plan, arrays)
-                evaluation = evaluate(new_arrays)
-                self.check_evaluation(server_round, evaluation)
-                return new_arrays, metrics, evaluation
+                if opened is None or attempt > 0:
+                    plan = self.plan_round(
+                        grid,
+                        server_round,
+                        attempt,
+                        arrays,
+                        config,
+                        timeout=timeout,
+                        traffic=traffic,
+                    )
+                    opened = OpenedRound(plan, self.open_sync(grid, plan), traffic)
+                new_arrays, metrics = self.run_round(grid, opened.plan, arrays, opened.sync)
+                following = None
+                if not last:
+                    following = self._open_ahead(
+                        grid, server_round + 1, new_arrays, config, timeout
+                    )
+                try:
+                    evaluation = evaluate(new_arrays)
+                    self.check_evaluation(server_round, evaluation)
+                except BaseException as error:
+                    if following is not None:
+                        following.abandon(f"round {server_round} failed: {error}")
+                    raise
+                return new_arrays, metrics, evaluation, following
             except RoundFailure as failure:
                 log(ERROR, "Round %d (attempt %d) failed: %s", server_round, attempt + 1, failure)
                 if self.on_failure == "stop" or attempt == self.max_retries:
@@ -483,6 +538,33 @@ class RoundStrategy(Strategy):
                         self.partitions[n] for n in failure.culprits if n in self.partitions
                     }
         return None
+
+    def _open_ahead(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        timeout: float,
+    ) -> OpenedRound | None:
+        """The first attempt at ``server_round`` opened now, on the model of the round that
+        just trained, when the clients can train it while that round is evaluated and recorded;
+        None when they cannot, or when it cannot open yet (it is then planned again, and fails
+        in its own round)."""
+        if not self.trains_ahead():
+            return None
+        traffic = Traffic()
+        try:
+            plan = self.plan_round(
+                grid, server_round, 0, arrays, config, timeout=timeout, traffic=traffic
+            )
+            return OpenedRound(plan, self.open_sync(grid, plan), traffic)
+        except RoundFailure:
+            return None
+
+    def trains_ahead(self) -> bool:
+        """Whether a round opened early trains by itself (see ``Transport.trains_ahead``)."""
+        return False
 
     def _collect_evaluation(
         self,
@@ -568,6 +650,9 @@ class FedTAN(RoundStrategy):
 
     def open_sync(self, grid: Grid, plan: RoundPlan) -> RoundSync:
         return self.transport.open_round(grid, plan)
+
+    def trains_ahead(self) -> bool:
+        return self.transport.trains_ahead()
 
 
 def _partition_of(node: int, reply: Message) -> int:

@@ -154,6 +154,65 @@ def test_a_block_records_every_round_evaluates_and_checkpoints_as_a_message_per_
     assert summary(tmp_path / "r3")["status"] == "completed"
 
 
+def evaluations_that(monkeypatch, at_call: int, then) -> None:
+    """The server's ``at_call``-th evaluation (1: round 0's) first runs ``then()``."""
+    real, calls = task.evaluate, [0]
+
+    def evaluate(model, cfg, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at_call:
+            then()
+        return real(model, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(task, "evaluate", evaluate)
+
+
+def test_the_clients_train_a_blocks_next_round_while_the_server_evaluates(tmp_path, monkeypatch):
+    """Round 3 is published before round 2 is evaluated and recorded: the clients train it
+    meanwhile, and the rounds stay what they are with a message per round."""
+    per_round, _ = run(tmp_path / "r1")
+
+    real_train, trained, lock = client_module._train_synced, [0], threading.Lock()
+    round_3_trained = threading.Event()
+
+    def train(*args):
+        result = real_train(*args)
+        with lock:
+            trained[0] += 1
+            if trained[0] == 3 * BASE["num-clients"]:
+                round_3_trained.set()
+        return result
+
+    monkeypatch.setattr(client_module, "_train_synced", train)
+    seen = []  # whether round 3 was trained during round 2's evaluation (bounded wait)
+    evaluations_that(monkeypatch, 3, lambda: seen.append(round_3_trained.wait(timeout=30)))
+    blocks, _ = run(tmp_path / "r4", **{"rounds-per-message": 4})
+
+    assert seen == [True]
+    assert rows(tmp_path / "r4") == rows(tmp_path / "r1")
+    assert_same_state(blocks.arrays.to_torch_state_dict(), per_round.arrays.to_torch_state_dict())
+
+
+def test_an_evaluation_that_raises_abandons_the_round_opened_ahead_and_fails_the_run(
+    tmp_path, monkeypatch, caplog
+):
+    """The run fails with round 1's results, as with a message per round; round 3, which the
+    clients were training meanwhile, is abandoned rather than waited for."""
+
+    def crash():
+        raise RuntimeError("the evaluation crashed")
+
+    evaluations_that(monkeypatch, 3, crash)  # round 2's
+    with pytest.raises(RuntimeError, match="the evaluation crashed"):
+        run(tmp_path / "r4", **{"rounds-per-message": 4})
+
+    assert summary(tmp_path / "r4")["status"] == "failed"
+    assert [r["round"] for r in rows(tmp_path / "r4")] == [1]
+    abandoned = [r.getMessage() for r in caplog.records if "opened ahead" in r.getMessage()]
+    assert len(abandoned) == 1
+    assert "round 3, opened ahead, was abandoned: round 2 failed: the evaluation" in abandoned[0]
+
+
 def test_a_run_stopped_inside_a_block_resumes_from_its_last_completed_round(tmp_path, monkeypatch):
     config = {"num-rounds": 5, "rounds-per-message": 3, "on-failure": "stop"}
     run(tmp_path / "whole", **config)

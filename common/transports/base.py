@@ -13,6 +13,9 @@ strategy opens one ``RoundSync`` per attempt at a round and drives it in a fixed
 A transport that runs the whole round itself (transport "grpc" with ``rounds-per-message`` > 1:
 the clients are in a block of rounds already) sends no train messages; its ``averaged`` gives
 the round's averaged model instead of the replies, and raises ``RoundFailure`` the same way.
+Its ``open_round`` sets the clients training at once (``trains_ahead``), so the strategy opens
+the next round before it evaluates and records this one, and aborts it if this one fails after
+all: the clients train while the server evaluates.
 
 Everything a round needs lives on its ``RoundSync``, so nothing is carried between calls on
 the strategy or the transport. ``check`` runs once before round 1; ``close`` ends the transport.
@@ -109,6 +112,11 @@ class Transport(ABC):
     @abstractmethod
     def open_round(self, grid: Grid, plan: RoundPlan) -> RoundSync:
         """Start the synced step of ``plan``; raise ``RoundFailure`` if it fails already."""
+
+    def trains_ahead(self) -> bool:
+        """Whether ``open_round`` sets the clients training by itself, without the strategy's
+        messages: then a round opened early trains while the server finishes the last one."""
+        return False
 
     def check(self, grid: Grid, nodes: Sequence[int], timeout: float) -> None:
         """Before round 1: prove that ``nodes`` can sync, or raise ``RuntimeError`` saying why."""

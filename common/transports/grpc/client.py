@@ -281,7 +281,8 @@ class GrpcBlockChannel:
 
     One connection serves the block's calls and every round's BN exchanges. ``timeout``: one
     BN exchange or block call; ``wait``: how long the next round's plan may take to come (the
-    server evaluates and records a round before it publishes the next).
+    server averages a round before it publishes the next, and at the end of a block collects
+    its replies and starts the next one).
     """
 
     def __init__(

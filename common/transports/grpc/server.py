@@ -8,9 +8,10 @@ account decides who is at fault, not the Flower errors that merely echo it.
 
 With run config ``rounds-per-message`` R > 1 the transport runs blocks of rounds instead
 (``block.py``): one Flower message per available client starts R rounds, each of which is one
-``RoundSync`` whose ``averaged`` publishes the round on the service and returns the average of
-the clients' uploads. A block ends after its R-th round, with a failed round (the strategy then
-retries from the last good model with a new block, without the culprits), or with the run.
+``RoundSync``: opening it publishes the round on the service, its ``averaged`` returns the
+average of the clients' uploads. A block ends after its R-th round, with a failed round (the
+strategy then retries from the last good model with a new block, without the culprits), with a
+round opened ahead that is not wanted after all (``Transport.trains_ahead``), or with the run.
 
 The server knows what a round allows before it starts: the layers and their shapes from one
 traced step of the model (``trace_sync_shape``), each client's batch size from the round's
@@ -160,6 +161,9 @@ class GrpcTransport(Transport):
             self.end_block("a new block starts")
             self.block = GrpcBlock(self, grid, plan, block_id=round_id)
         return BlockRound(self.block, round_id, plan, schedule)
+
+    def trains_ahead(self) -> bool:
+        return self.rounds_per_message > 1  # a block's round is published when it is opened
 
     def end_block(self, reason: str, culprits: frozenset[int] = frozenset()) -> None:
         """End the open block, if any; its clients' Flower replies are collected and dropped
@@ -313,15 +317,12 @@ class GrpcBlock:
             and dataclasses.replace(TrainSettings.from_config(plan.config), lr=0.0) == self.settings
         )
 
-    def run_round(
-        self, plan: RoundPlan, round_id: int, schedule: RoundSchedule
-    ) -> tuple[ArrayRecord, MetricRecord]:
-        """Round ``plan`` over the service: published, trained, uploaded, averaged; the block
-        ends after its last round or a failed one."""
-        service = self.transport.service
+    def start_round(self, plan: RoundPlan, round_id: int, schedule: RoundSchedule) -> int:
+        """Publish round ``plan`` to the members: the sampled ones start training it. Returns the
+        size of the model it sends each member."""
         seq, self.rounds, self.next_round = self.rounds, self.rounds + 1, plan.server_round + 1
         sampled = [str(node) for node in plan.nodes]
-        credentials = service.open_round(round_id, sampled, schedule)
+        credentials = self.transport.service.open_round(round_id, sampled, schedule)
         state = encode_state(self._state_of(plan.arrays))
         lr = TrainSettings.from_config(plan.config).lr
         plans = {
@@ -336,6 +337,14 @@ class GrpcBlock:
             for member in (str(node) for node in self.members)
         }
         self.block.publish(seq, sampled, plans)
+        return len(state)
+
+    def finish_round(
+        self, plan: RoundPlan, round_id: int, state_size: int
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """The published round ``plan``: its uploads collected and averaged; the block ends
+        after its last round or a failed one."""
+        service = self.transport.service
         try:
             try:
                 updates = self.block.collect(plan.timeout)
@@ -351,12 +360,21 @@ class GrpcBlock:
             self.transport.end_block(f"round {plan.server_round} failed", failure.culprits)
             raise
         if plan.traffic is not None:  # the model down to every member, and up from the sampled
-            plan.traffic.model_bytes += len(state) * (len(plans) + len(updates))
+            plan.traffic.model_bytes += state_size * (len(self.members) + len(updates))
         if self.rounds == self.transport.rounds_per_message:
             self.transport.end_block("the block's last round is done")
         arrays = ArrayRecord(averaged)
         self._last_average = (arrays, averaged)
         return arrays, MetricRecord(metrics)
+
+    def abandon(self, round_id: int, reason: str) -> None:
+        """End the block in the middle of its published round ``round_id``, whose result is
+        not wanted (the round before it failed after all)."""
+        service = self.transport.service
+        service.end_block(self.id, reason)  # a member asking for a plan is told at once
+        service.close_round(round_id)  # members inside the round's BN exchanges are released
+        if self.transport.block is self:
+            self.transport.end_block(reason)  # the members' Flower replies are collected
 
     def _state_of(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """``arrays`` as tensors: the block's own last average needs no decoding."""
@@ -390,18 +408,31 @@ class GrpcBlock:
 
 
 class BlockRound(RoundSync):
-    """One round of an open block: no train messages; ``averaged`` runs it on the service."""
+    """One round of an open block, published to its members when opened: no train messages;
+    ``averaged`` collects and averages the uploads."""
 
     def __init__(
         self, block: GrpcBlock, round_id: int, plan: RoundPlan, schedule: RoundSchedule
     ) -> None:
-        self.block, self.round_id, self.plan, self.schedule = block, round_id, plan, schedule
+        self.block, self.round_id, self.plan = block, round_id, plan
+        self.state_size = block.start_round(plan, round_id, schedule)
+        self.collected = False
 
     def train_messages(self) -> list[Message]:
         return []
 
     def averaged(self) -> tuple[ArrayRecord, MetricRecord]:
-        return self.block.run_round(self.plan, self.round_id, self.schedule)
+        self.collected = True
+        return self.block.finish_round(self.plan, self.round_id, self.state_size)
+
+    def abort(self, failure: RoundFailure) -> RoundFailure:
+        if not self.collected:  # opened ahead, and not wanted after all
+            self.collected = True
+            self.block.abandon(
+                self.round_id,
+                f"round {self.plan.server_round}, opened ahead, was abandoned: {failure}",
+            )
+        return failure
 
 
 @contextmanager
