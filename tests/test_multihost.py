@@ -4,6 +4,9 @@
   127.0.0.1 (like tests/test_flower_runtime.py) with ``transport = "grpc"``: one Flower message
   per client and round; the clients' ClientApp processes sync live over the ServerApp's service.
   The run stops after round 1 and is resumed, extended to round 2, on the same federation.
+* ``test_blocks_of_rounds_in_deployment_...``: the same federation with ``rounds-per-message``
+  = 2: a Flower message per client and block; the rounds run over the service, and the block
+  after the first is opened while its last round is still being recorded.
 * ``test_multihost_netns_...``: three "machines" as network namespaces on a bridge (in a fourth
   namespace, so nothing is added to the host's own network namespace): the SuperLink with TLS
   and SuperNode authentication, and the ServerApp's BN sync service with mutual TLS, in one; a
@@ -141,6 +144,49 @@ def test_grpc_transport_in_deployment_matches_in_process_engine(tmp_path):
         print(phases.report("grpc transport in deployment"), *killed, sep="\n")
 
     assert_grpc_run_gives_the_engine_model(out, run_config, phases)
+
+
+@pytest.mark.slow
+def test_blocks_of_rounds_in_deployment_give_the_in_process_engine_model(tmp_path):
+    """3 rounds in blocks of 2: a Flower message per client opens rounds 1 and 3, none the
+    others; each ClientApp process trains its block's rounds over the service."""
+    deadline, phases = Deadline(TIMEOUT_S), PhaseTimer()
+    home, out, log_dir = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
+    env = flower_env(home)
+    run_config = {
+        **BASE,
+        **GRPC,
+        **SYNC_TIMEOUT,
+        "num-rounds": 3,
+        "rounds-per-message": 2,
+        "output-dir": str(out),
+    }
+
+    procs: list[ManagedProcess] = []
+    try:
+        link, nodes = start_local_deployment(
+            2, env=env, log_dir=log_dir, cwd=tmp_path, deadline=deadline, procs=procs
+        )
+        phases.mark("superlink up, 2 supernodes connected")
+        run_toml = write_run_config(tmp_path / "run.toml", run_config)
+        run = start_flwr_run("deployment", run_toml, env=env, log_dir=log_dir, app_dir=APP_DIR)
+        procs.append(run)
+        wait_for_cli(run, deadline, [link, *nodes])
+        summary = read_summary(out, [link, *nodes], deadline)
+        phases.mark("flwr run: 3 rounds in blocks of 2")
+        assert (summary["status"], summary["rounds_completed"]) == ("completed", 3), summary
+    finally:
+        killed = stop_processes(procs)
+        phases.mark("teardown")
+        print(phases.report("blocks of rounds in deployment"), *killed, sep="\n")
+
+    rows = read_metrics_log(out / "metrics.jsonl")
+    assert [(r["round"], r["round_trips"], r["clients"]) for r in rows] == [
+        (1, 1, 2),
+        (2, 0, 2),
+        (3, 1, 2),
+    ], rows
+    assert_same_model(out / "model.pt", reference_config(run_config), 2)
 
 
 # --- three machines as network namespaces -----------------------------------------------------
