@@ -306,7 +306,7 @@ class EntrySpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _itemsize(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 StateSpec = tuple[EntrySpec, ...]
@@ -526,7 +526,3 @@ def plan_size(spec: StateSpec) -> int:
     error = _HEADER.size + _U32.size + 4 * MAX_MESSAGE
     plan = _PLAN.size + _U16.size + MAX_CREDENTIAL + state_size(spec)
     return _PLAN_HEAD.size + max(plan, error)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
