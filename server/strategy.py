@@ -276,7 +276,8 @@ class RoundStrategy(Strategy):
         ahead: OpenedRound | None = None
         try:
             for server_round in range(rounds_done + 1, num_rounds + 1):
-                traffic = ahead.traffic if ahead is not None else Traffic()
+                opened, ahead = ahead, None  # the round's own from here
+                traffic = opened.traffic if opened is not None else Traffic()
                 eval_traffic = Traffic()
                 outcome = self._train_round(
                     grid,
@@ -286,11 +287,10 @@ class RoundStrategy(Strategy):
                     timeout,
                     traffic,
                     evaluate=lambda arrays, r=server_round, t=eval_traffic: evaluate(r, arrays, t),
-                    opened=ahead,
+                    opened=opened,
                     last=server_round == num_rounds,
                 )
                 if outcome is None:
-                    ahead = None
                     log(
                         WARNING,
                         "Stopping after round %d: the global model of that round is kept",
@@ -313,7 +313,7 @@ class RoundStrategy(Strategy):
                     }
                     self.on_round(server_round, result, cost)
         except BaseException as error:
-            if ahead is not None:
+            if ahead is not None:  # opened for a round the run will not reach
                 ahead.abandon(f"the run ended: {error!r}")
             raise
         return result

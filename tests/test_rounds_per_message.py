@@ -60,6 +60,7 @@ from server.local_run import run_locally
 from server.processes import (
     Deadline,
 )
+from server.results import RunRecorder
 from tests.test_flower_app import assert_is_the_in_process_model
 
 BASE = {
@@ -211,6 +212,28 @@ def test_an_evaluation_that_raises_abandons_the_round_opened_ahead_and_fails_the
     abandoned = [r.getMessage() for r in caplog.records if "opened ahead" in r.getMessage()]
     assert len(abandoned) == 1
     assert "round 3, opened ahead, was abandoned: round 2 failed: the evaluation" in abandoned[0]
+
+
+def test_a_run_that_fails_while_recording_abandons_the_round_opened_ahead(
+    tmp_path, monkeypatch, caplog
+):
+    """Recording round 2 fails (a full disk) while the clients train round 3: the run fails,
+    and round 3 is abandoned, its clients released, rather than left to time out."""
+    real = RunRecorder.record
+
+    def record(self, server_round, *args, **kwargs):
+        if server_round == 2:
+            raise OSError("no space left on device")
+        return real(self, server_round, *args, **kwargs)
+
+    monkeypatch.setattr(RunRecorder, "record", record)
+    with pytest.raises(OSError, match="no space left"):
+        run(tmp_path / "r4", **{"rounds-per-message": 4})
+
+    assert summary(tmp_path / "r4")["status"] == "failed"
+    abandoned = [r.getMessage() for r in caplog.records if "opened ahead" in r.getMessage()]
+    assert len(abandoned) == 1
+    assert "round 3, opened ahead, was abandoned: the run ended: OSError" in abandoned[0]
 
 
 def test_a_run_stopped_inside_a_block_resumes_from_its_last_completed_round(tmp_path, monkeypatch):
