@@ -7,7 +7,9 @@ plus what a long run needs: a seeded client sampler, a round that fails (a clien
 erroring or sending bad statistics) is retried without the clients at fault or ends the run
 cleanly, and the global model only ever changes by a complete round. Each attempt at a round is
 a ``RoundPlan`` driven through a ``RoundSync`` (``common/transports/base.py``); FedTAN's comes
-from its transport, so the strategy never asks which transport it has.
+from its transport, so the strategy never asks which transport it has. Where a transport's
+rounds train by themselves (a block of rounds), the next round is opened before the last one is
+evaluated and recorded, and abandoned if that one fails after all.
 """
 
 from __future__ import annotations

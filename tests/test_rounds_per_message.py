@@ -6,7 +6,8 @@ round is with one message per round (R = 1), which these tests hold to through t
 ServerApp and ClientApp over the real service on 127.0.0.1 (``server.local_run``):
 
 1. the same model, bit for bit, and the in-process engine's;
-2. the same metrics per round, evaluations, checkpoints, and resume from the last completed round;
+2. the same metrics per round, evaluations, checkpoints, and resume from the last completed round,
+   while the clients already train the next round (abandoned if the last one fails after all);
 3. the same failures: a client that raises, goes silent or uploads a bad state fails the round,
    which is retried from the last good model without it;
 4. a clear error for a wrong ``rounds-per-message``.
