@@ -13,7 +13,10 @@ run on the CPU (Ray hides the GPU from actors without a share). On CUDA the in-p
 reads follow ``torch.cuda.synchronize()``.
 
 Rounds after the first are timed (the first pays for process start-up and imports); evaluation
-only runs after the last round, which is excluded too. A round's time is its ``seconds`` in the
+only runs after the last round, which is excluded too, unless ``--eval-interval K`` asks for the
+global model's evaluation every K rounds, as a run does: then every row pays for it, the
+in-process row after its round, the simulated rows as the ServerApp does it (in a block of
+rounds, R > 1, while the clients train the next round). A round's time is its ``seconds`` in the
 run's metrics: from the previous round's end to its own, so the server's bookkeeping between
 rounds (recording, sampling) counts, as it does for the run. ``s/round`` is the median of those
 rounds, ``mean`` their mean: with ``--rounds-per-message R`` (R rounds per Flower message, for
@@ -92,6 +95,13 @@ def main() -> None:
         help="run config rounds-per-message of the grpc rows (R > 1: blocks of R rounds)",
     )
     parser.add_argument(
+        "--eval-interval",
+        type=int,
+        default=None,
+        help="evaluate the global model every K rounds in every row (default: only after the "
+        "last round, which is not timed)",
+    )
+    parser.add_argument(
         "--project",
         type=int,
         default=10_000,
@@ -144,7 +154,7 @@ def main() -> None:
         "batch-size": args.batch,
         "local-steps": args.local_steps,
         "num-rounds": args.rounds,
-        "eval-interval": args.rounds,
+        "eval-interval": args.eval_interval or args.rounds,
     }
     # Clients get a GPU only with a GPU share; the device is named explicitly (run config
     # "device") rather than left to Ray's CUDA_VISIBLE_DEVICES.
@@ -241,7 +251,8 @@ def row_name(transport: str, args: argparse.Namespace) -> str:
 
 def in_process_seconds(cfg: RunConfig, device: torch.device) -> tuple[float, float, int | None]:
     """Seconds per round of the in-process engine (median and mean, as ``timed_rounds``), its
-    clients on ``device`` like the app's, and its peak CUDA memory in bytes (None on the CPU)."""
+    clients on ``device`` like the app's, and its peak CUDA memory in bytes (None on the CPU).
+    A round that run config ``eval-interval`` divides includes the global model's evaluation."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = task.build_global_model(cfg).to(device)
@@ -255,6 +266,9 @@ def in_process_seconds(cfg: RunConfig, device: torch.device) -> tuple[float, flo
         _synchronize(device)
         started = time.perf_counter()
         model.load_state_dict(task.engine_round(model, cfg, batches, r, replicas))
+        if r % cfg.eval_interval == 0:
+            task.evaluate(model, cfg, device)
+            model.train()
         _synchronize(device)
         times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
