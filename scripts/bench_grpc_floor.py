@@ -1,0 +1,165 @@
+"""Benchmark (not a test): gRPC Python's own cost per BN exchange, without FedTAN's code.
+
+K client processes and one server process on this machine; each exchange is a barrier of the
+K, as a BN all-reduce is: every client sends 600 bytes, and all get 600 bytes back once all
+have sent. Two ways, measured side by side in one run:
+
+* ``call``: a call per exchange (the BN sync service's way: a request-streaming handler, one
+  message in, one out);
+* ``stream``: one bidirectional stream per client and round of 6 exchanges (small_cnn's 2L),
+  each exchange a message each way on it.
+
+It prints the wall time per exchange and the CPU time of the server and of the clients per
+message: what a round of many exchanges costs a machine whose cores the clients already fill.
+
+    python scripts/bench_grpc_floor.py --clients 5 --exchanges 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import queue
+import resource
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+PAYLOAD = b"x" * 600
+EXCHANGES_PER_ROUND = 6
+METHODS = {"call": "/bench.Floor/Call", "stream": "/bench.Floor/Stream"}
+
+
+class _Barrier:
+    """Releases every waiter once ``k`` have arrived; reusable, one generation after another."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.arrived, self.generation = k, 0, 0
+        self.cond = threading.Condition()
+
+    def wait(self) -> None:
+        with self.cond:
+            generation = self.generation
+            self.arrived += 1
+            if self.arrived == self.k:
+                self.arrived, self.generation = 0, generation + 1
+                self.cond.notify_all()
+            while self.generation == generation:
+                self.cond.wait()
+
+
+def _server(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
+    barrier = _Barrier(clients)
+
+    def call(requests, context):
+        next(requests)
+        barrier.wait()
+        return PAYLOAD
+
+    def stream(requests, context):
+        for _ in requests:
+            barrier.wait()
+            yield PAYLOAD
+
+    server = grpc.server(futures.ThreadPoolExecutor(4 * clients))
+    server.add_registered_method_handlers(
+        "bench.Floor",
+        {
+            "Call": grpc.stream_unary_rpc_method_handler(call),
+            "Stream": grpc.stream_stream_rpc_method_handler(stream),
+        },
+    )
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    while control.get() == "measure":
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        control.get()  # "done"
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        ports.put(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    server.stop(0)
+
+
+def _client(port: int, way: str, exchanges: int, start: mp.Event, out: mp.Queue) -> None:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", [("grpc.use_local_subchannel_pool", 1)])
+    start.wait()
+    wall, cpu = time.perf_counter(), time.process_time()
+    if way == "call":
+        call = channel.unary_unary(METHODS["call"], _registered_method=True)
+        for _ in range(exchanges):
+            call(PAYLOAD, timeout=30)
+    else:
+        stub = channel.stream_stream(METHODS["stream"], _registered_method=True)
+        for _ in range(exchanges // EXCHANGES_PER_ROUND):
+            requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+            replies = stub(iter(requests.get, None), timeout=30)
+            for _ in range(EXCHANGES_PER_ROUND):
+                requests.put(PAYLOAD)
+                next(replies)
+            requests.put(None)
+            for _ in replies:
+                pass
+    out.put((time.perf_counter() - wall, time.process_time() - cpu))
+    channel.close()
+
+
+def measure(
+    way: str, port: int, clients: int, exchanges: int, results: mp.Queue, control: mp.Queue
+) -> None:
+    """One way's row: ``clients`` processes, ``exchanges`` each; the server reports its CPU
+    time on ``results``."""
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_client, args=(port, way, exchanges, start, out), daemon=True)
+        for _ in range(clients)
+    ]
+    for proc in procs:
+        proc.start()
+    time.sleep(2.0)  # the clients' imports, before the server's clock starts
+    control.put("measure")
+    start.set()
+    timings = [out.get() for _ in procs]
+    control.put("done")
+    server_cpu = results.get()
+    for proc in procs:
+        proc.join()
+    wall = max(t[0] for t in timings) / exchanges
+    messages = exchanges * clients
+    client_cpu = sum(t[1] for t in timings) / messages
+    print(
+        f"{way:7} {wall * 1e3:8.2f} {server_cpu / messages * 1e3:12.3f} "
+        f"{client_cpu * 1e3:12.3f} {(server_cpu / messages + client_cpu) * 1e3:12.3f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=5)
+    parser.add_argument("--exchanges", type=int, default=600, help="per client and way")
+    parser.add_argument("--repeats", type=int, default=2, help="each way, alternating")
+    args = parser.parse_args()
+    if args.exchanges % EXCHANGES_PER_ROUND:
+        parser.error(f"--exchanges must be a multiple of {EXCHANGES_PER_ROUND}")
+    ctx = mp.get_context("spawn")
+    ports, control = ctx.Queue(), ctx.Queue()
+    server = ctx.Process(target=_server, args=(args.clients, ports, control), daemon=True)
+    server.start()
+    try:
+        print(f"{args.clients} client processes, {args.exchanges} exchanges each way and repeat")
+        print(f"{'way':7} {'ms/exch':>8} {'server ms/msg':>12} {'client ms/msg':>12}", end="")
+        print(f" {'sum ms/msg':>12}")
+        port = ports.get()
+        for _ in range(args.repeats):
+            for way in METHODS:
+                measure(way, port, args.clients, args.exchanges, ports, control)
+    finally:
+        control.put("stop")
+        server.join(10)
+        if server.is_alive():
+            server.kill()
+
+
+if __name__ == "__main__":
+    main()
