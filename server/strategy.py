@@ -504,16 +504,9 @@ class RoundStrategy(Strategy):
         for attempt in range(self.max_retries + 1):
             try:
                 if opened is None or attempt > 0:
-                    plan = self.plan_round(
-                        grid,
-                        server_round,
-                        attempt,
-                        arrays,
-                        config,
-                        timeout=timeout,
-                        traffic=traffic,
+                    opened = self._open(
+                        grid, server_round, attempt, arrays, config, timeout, traffic
                     )
-                    opened = OpenedRound(plan, self.open_sync(grid, plan), traffic)
                 new_arrays, metrics = self.run_round(grid, opened.plan, arrays, opened.sync)
                 following = None
                 if not last:
@@ -555,14 +548,26 @@ class RoundStrategy(Strategy):
         in its own round)."""
         if not self.trains_ahead():
             return None
-        traffic = Traffic()
         try:
-            plan = self.plan_round(
-                grid, server_round, 0, arrays, config, timeout=timeout, traffic=traffic
-            )
-            return OpenedRound(plan, self.open_sync(grid, plan), traffic)
+            return self._open(grid, server_round, 0, arrays, config, timeout, Traffic())
         except RoundFailure:
             return None
+
+    def _open(
+        self,
+        grid: Grid,
+        server_round: int,
+        attempt: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        timeout: float,
+        traffic: Traffic,
+    ) -> OpenedRound:
+        """Attempt ``attempt`` at ``server_round`` on ``arrays``, planned and opened."""
+        plan = self.plan_round(
+            grid, server_round, attempt, arrays, config, timeout=timeout, traffic=traffic
+        )
+        return OpenedRound(plan, self.open_sync(grid, plan), traffic)
 
     def trains_ahead(self) -> bool:
         """Whether a round opened early trains by itself (see ``Transport.trains_ahead``)."""

@@ -156,17 +156,20 @@ def test_a_block_records_every_round_evaluates_and_checkpoints_as_a_message_per_
     assert summary(tmp_path / "r3")["status"] == "completed"
 
 
-def evaluations_that(monkeypatch, at_call: int, then) -> None:
-    """The server's ``at_call``-th evaluation (1: round 0's) first runs ``then()``."""
-    real, calls = task.evaluate, [0]
+REAL_EVALUATE = task.evaluate
+
+
+def evaluation_changed_at(nth: int, change):
+    """``task.evaluate`` whose ``nth`` call (1: round 0's) returns ``change(metrics)``; fresh
+    for each run, since it counts its calls."""
+    calls = [0]
 
     def evaluate(model, cfg, *args, **kwargs):
         calls[0] += 1
-        if calls[0] == at_call:
-            then()
-        return real(model, cfg, *args, **kwargs)
+        metrics = REAL_EVALUATE(model, cfg, *args, **kwargs)
+        return change(metrics) if calls[0] == nth else metrics
 
-    monkeypatch.setattr(task, "evaluate", evaluate)
+    return evaluate
 
 
 def test_the_clients_train_a_blocks_next_round_while_the_server_evaluates(tmp_path, monkeypatch):
@@ -187,7 +190,12 @@ def test_the_clients_train_a_blocks_next_round_while_the_server_evaluates(tmp_pa
 
     monkeypatch.setattr(client_module, "_train_synced", train)
     seen = []  # whether round 3 was trained during round 2's evaluation (bounded wait)
-    evaluations_that(monkeypatch, 3, lambda: seen.append(round_3_trained.wait(timeout=30)))
+
+    def wait_for_round_3(metrics):
+        seen.append(round_3_trained.wait(timeout=30))
+        return metrics
+
+    monkeypatch.setattr(task, "evaluate", evaluation_changed_at(3, wait_for_round_3))
     blocks, _ = run(tmp_path / "r4", **{"rounds-per-message": 4})
 
     assert seen == [True]
@@ -201,10 +209,10 @@ def test_an_evaluation_that_raises_abandons_the_round_opened_ahead_and_fails_the
     """The run fails with round 1's results, as with a message per round; round 3, which the
     clients were training meanwhile, is abandoned rather than waited for."""
 
-    def crash():
+    def crash(metrics):
         raise RuntimeError("the evaluation crashed")
 
-    evaluations_that(monkeypatch, 3, crash)  # round 2's
+    monkeypatch.setattr(task, "evaluate", evaluation_changed_at(3, crash))  # round 2's
     with pytest.raises(RuntimeError, match="the evaluation crashed"):
         run(tmp_path / "r4", **{"rounds-per-message": 4})
 
@@ -350,21 +358,13 @@ def test_a_round_the_server_rejects_after_the_average_is_retried_in_a_new_block(
 ):
     """The strategy may still fail a round the block has averaged (a non-finite test loss): the
     retry starts from the last good model, as with a message per round."""
-    real = task.evaluate
 
-    def nan_once_at_call(n):
-        calls = [0]
+    def nan_loss(metrics):
+        return {**metrics, "test-loss": math.nan}
 
-        def evaluate(model, cfg, *args, **kwargs):
-            calls[0] += 1
-            metrics = real(model, cfg, *args, **kwargs)
-            return {**metrics, "test-loss": math.nan} if calls[0] == n else metrics
-
-        return evaluate
-
-    monkeypatch.setattr(task, "evaluate", nan_once_at_call(3))  # rounds 0 and 1, then 2
+    monkeypatch.setattr(task, "evaluate", evaluation_changed_at(3, nan_loss))  # round 2's
     per_round, _ = run(tmp_path / "r1")
-    monkeypatch.setattr(task, "evaluate", nan_once_at_call(3))
+    monkeypatch.setattr(task, "evaluate", evaluation_changed_at(3, nan_loss))
     caplog.clear()
     blocks, grid = run(tmp_path / "r3", **{"rounds-per-message": 3})
 
