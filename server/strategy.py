@@ -14,11 +14,11 @@ evaluated and recorded, and abandoned if that one fails after all.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -56,7 +56,7 @@ from common.transports.exchange import Traffic, exchange
 RoundCallback = Callable[[int, Result, dict[str, float]], None]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class OpenedRound:
     """An attempt at a round, opened: its plan, its ``RoundSync`` and where its traffic is
     counted. A round opened ahead (``Transport.trains_ahead``) trains while the round before it
@@ -500,19 +500,27 @@ class RoundStrategy(Strategy):
     ) -> tuple[ArrayRecord, MetricRecord, Evaluation, OpenedRound | None] | None:
         """The attempts at ``server_round`` (the first one ``opened`` ahead, if given): its model,
         metrics, evaluation and, unless ``last``, the next round if it was opened ahead
-        (``_open_ahead``; abandoned here if this round fails after all)."""
+        (``_plan_ahead``, ``_open_ahead``; abandoned here if this round fails after all)."""
         for attempt in range(self.max_retries + 1):
             try:
                 if opened is None or attempt > 0:
-                    opened = self._open(
-                        grid, server_round, attempt, arrays, config, timeout, traffic
+                    plan = self.plan_round(
+                        grid,
+                        server_round,
+                        attempt,
+                        arrays,
+                        config,
+                        timeout=timeout,
+                        traffic=traffic,
                     )
+                    opened = self._open(grid, plan)
+                upcoming = (
+                    None if last else self._plan_ahead(grid, server_round + 1, config, timeout)
+                )
                 new_arrays, metrics = self.run_round(grid, opened.plan, arrays, opened.sync)
-                following = None
-                if not last:
-                    following = self._open_ahead(
-                        grid, server_round + 1, new_arrays, config, timeout
-                    )
+                following = (
+                    None if upcoming is None else self._open_ahead(grid, upcoming, new_arrays)
+                )
                 try:
                     evaluation = evaluate(new_arrays)
                     self.check_evaluation(server_round, evaluation)
@@ -534,40 +542,34 @@ class RoundStrategy(Strategy):
                     }
         return None
 
-    def _open_ahead(
-        self,
-        grid: Grid,
-        server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        timeout: float,
-    ) -> OpenedRound | None:
-        """The first attempt at ``server_round`` opened now, on the model of the round that
-        just trained, when the clients can train it while that round is evaluated and recorded;
-        None when they cannot, or when it cannot open yet (it is then planned again, and fails
-        in its own round)."""
+    def _plan_ahead(
+        self, grid: Grid, server_round: int, config: ConfigRecord, timeout: float
+    ) -> RoundPlan | None:
+        """The first attempt at ``server_round``, planned while the round before it trains,
+        when its clients can train it while that round is evaluated and recorded: sampling asks
+        Flower for the connected nodes (a round trip to the SuperLink), which would otherwise
+        keep every client waiting between the two rounds. Its model comes with ``_open_ahead``.
+        None when the clients cannot train ahead, or when it cannot be planned yet (it is then
+        planned again in its own round, and fails there)."""
         if not self.trains_ahead():
             return None
         try:
-            return self._open(grid, server_round, 0, arrays, config, timeout, Traffic())
+            return self.plan_round(
+                grid, server_round, 0, ArrayRecord(), config, timeout=timeout, traffic=Traffic()
+            )
         except RoundFailure:
             return None
 
-    def _open(
-        self,
-        grid: Grid,
-        server_round: int,
-        attempt: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        timeout: float,
-        traffic: Traffic,
-    ) -> OpenedRound:
-        """Attempt ``attempt`` at ``server_round`` on ``arrays``, planned and opened."""
-        plan = self.plan_round(
-            grid, server_round, attempt, arrays, config, timeout=timeout, traffic=traffic
-        )
-        return OpenedRound(plan, self.open_sync(grid, plan), traffic)
+    def _open_ahead(self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord) -> OpenedRound | None:
+        """``plan`` opened on ``arrays``, the model of the round that just trained; None when it
+        cannot open yet (as for ``_plan_ahead``)."""
+        try:
+            return self._open(grid, dataclasses.replace(plan, arrays=self.shared(arrays)))
+        except RoundFailure:
+            return None
+
+    def _open(self, grid: Grid, plan: RoundPlan) -> OpenedRound:
+        return OpenedRound(plan, self.open_sync(grid, plan), plan.traffic or Traffic())
 
     def trains_ahead(self) -> bool:
         """Whether a round opened early trains by itself (see ``Transport.trains_ahead``)."""

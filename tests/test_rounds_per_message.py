@@ -62,6 +62,7 @@ from server.processes import (
     Deadline,
 )
 from server.results import RunRecorder
+from server.strategy import RoundStrategy
 from tests.test_flower_app import assert_is_the_in_process_model
 
 BASE = {
@@ -201,6 +202,34 @@ def test_the_clients_train_a_blocks_next_round_while_the_server_evaluates(tmp_pa
     assert seen == [True]
     assert rows(tmp_path / "r4") == rows(tmp_path / "r1")
     assert_same_state(blocks.arrays.to_torch_state_dict(), per_round.arrays.to_torch_state_dict())
+
+
+@pytest.mark.parametrize(("rounds_per_message", "drawn_ahead"), [(4, True), (1, False)])
+def test_a_blocks_next_round_is_drawn_while_the_round_before_it_trains(
+    tmp_path, monkeypatch, rounds_per_message, drawn_ahead
+):
+    """Sampling asks Flower for the connected nodes, deployed a round trip to the SuperLink. In
+    a block it happens while the clients train the round before, not between the two rounds,
+    where every client would wait for it; with a message per round nothing trains ahead."""
+    events = []
+    real_sample, real_run_round = RoundStrategy.sample_nodes, RoundStrategy.run_round
+
+    def sample_nodes(self, grid, server_round, attempt=0, **kwargs):
+        events.append(("drawn", server_round))
+        return real_sample(self, grid, server_round, attempt, **kwargs)
+
+    def run_round(self, grid, plan, *args):
+        result = real_run_round(self, grid, plan, *args)
+        events.append(("averaged", plan.server_round))
+        return result
+
+    monkeypatch.setattr(RoundStrategy, "sample_nodes", sample_nodes)
+    monkeypatch.setattr(RoundStrategy, "run_round", run_round)
+    run(tmp_path, **{"rounds-per-message": rounds_per_message})
+
+    rounds = range(1, BASE["num-rounds"])
+    ahead = [events.index(("drawn", r + 1)) < events.index(("averaged", r)) for r in rounds]
+    assert ahead == [drawn_ahead] * len(rounds)
 
 
 def test_an_evaluation_that_raises_abandons_the_round_opened_ahead_and_fails_the_run(
