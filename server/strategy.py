@@ -346,7 +346,7 @@ class RoundStrategy(Strategy):
     ) -> list[int]:
         """The round's clients, in partition order: seeded, so a rerun samples the same
         partitions whatever their nodes' ids."""
-        connected = self._wait_for_nodes(grid, timeout)
+        connected = self.connected_nodes(grid, timeout)
         self.learn_partitions(grid, connected, timeout=timeout)
         available = [n for n in self.in_partition_order(connected) if self.may_take_part(n)]
         if not available:
@@ -356,6 +356,11 @@ class RoundStrategy(Strategy):
         wanted = min(self.clients_per_round or len(available), len(available))
         rng = random.Random(f"{self.seed}-{server_round}-{attempt}")
         return self.in_partition_order(rng.sample(available, wanted))
+
+    def connected_nodes(self, grid: Grid, timeout: float) -> list[int]:
+        """The nodes a round draws its clients from: Flower's connected ones, once there are
+        ``num_clients``."""
+        return self._wait_for_nodes(grid, timeout)
 
     def learn_partitions(self, grid: Grid, nodes: Iterable[int], *, timeout: float) -> None:
         """Ask the ``nodes`` not asked yet which partition they train on (one exchange); a
@@ -656,6 +661,13 @@ class FedTAN(RoundStrategy):
         raise NotImplementedError(
             "a FedTAN round must be finished or aborted after its replies: use start()"
         )
+
+    def connected_nodes(self, grid: Grid, timeout: float) -> list[int]:
+        """Inside a block of rounds, its members; otherwise Flower's connected nodes."""
+        reachable = self.transport.reachable_nodes()
+        if reachable is None:
+            return super().connected_nodes(grid, timeout)
+        return list(reachable)
 
     def open_sync(self, grid: Grid, plan: RoundPlan) -> RoundSync:
         return self.transport.open_round(grid, plan)

@@ -57,7 +57,7 @@ from common.transports.grpc.wire import (
     state_spec,
 )
 from server.checkpoint import load_state_dict, read_checkpoint
-from server.local_run import run_locally
+from server.local_run import LocalGrid, run_locally
 from server.processes import (
     Deadline,
 )
@@ -230,6 +230,41 @@ def test_a_blocks_next_round_is_drawn_while_the_round_before_it_trains(
     rounds = range(1, BASE["num-rounds"])
     ahead = [events.index(("drawn", r + 1)) < events.index(("averaged", r)) for r in rounds]
     assert ahead == [drawn_ahead] * len(rounds)
+
+
+@pytest.mark.parametrize(
+    ("rounds_per_message", "asked_in_round"), [(2, [1, 0, 1, 0]), (1, [1] * 4)]
+)
+def test_inside_a_block_a_round_draws_from_its_members_without_asking_flower(
+    tmp_path, monkeypatch, rounds_per_message, asked_in_round
+):
+    """The block's members wait for its next round: drawing from them spares Flower's list of
+    connected nodes, deployed a request to the SuperLink whose CPU slows the round in training.
+    The first round of each block asks, as every round with a message per round."""
+    asked, per_round = [0], []
+    real_get_node_ids, real_round_nodes = LocalGrid.get_node_ids, RoundStrategy.round_nodes
+
+    def get_node_ids(self):
+        asked[0] += 1
+        return real_get_node_ids(self)
+
+    def round_nodes(self, *args, **kwargs):  # a round's draw (not the BN sync check's)
+        before = asked[0]
+        nodes = real_round_nodes(self, *args, **kwargs)
+        per_round.append(min(1, asked[0] - before))
+        return nodes
+
+    monkeypatch.setattr(LocalGrid, "get_node_ids", get_node_ids)
+    monkeypatch.setattr(RoundStrategy, "round_nodes", round_nodes)
+    per_message, _ = run(tmp_path / "r1", **{"clients-per-round": 2})
+    per_round.clear()
+    blocks, _ = run(
+        tmp_path / "blocks", **{"clients-per-round": 2, "rounds-per-message": rounds_per_message}
+    )
+
+    assert per_round == asked_in_round
+    assert rows(tmp_path / "blocks") == rows(tmp_path / "r1")
+    assert_same_state(blocks.arrays.to_torch_state_dict(), per_message.arrays.to_torch_state_dict())
 
 
 def test_an_evaluation_that_raises_abandons_the_round_opened_ahead_and_fails_the_run(

@@ -118,6 +118,11 @@ class Transport(ABC):
         messages: then a round opened early trains while the server finishes the last one."""
         return False
 
+    def reachable_nodes(self) -> Sequence[int] | None:
+        """The nodes the next round can draw from without asking Flower (a block's members,
+        waiting for its next round), or None: Flower's connected nodes."""
+        return None
+
     def check(self, grid: Grid, nodes: Sequence[int], timeout: float) -> None:
         """Before round 1: prove that ``nodes`` can sync, or raise ``RuntimeError`` saying why."""
         return None

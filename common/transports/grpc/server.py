@@ -165,6 +165,14 @@ class GrpcTransport(Transport):
     def trains_ahead(self) -> bool:
         return self.rounds_per_message > 1  # a block's round is published when it is opened
 
+    def reachable_nodes(self) -> Sequence[int] | None:
+        # Asking Flower is a round trip to the SuperLink deployed, and its CPU there and here
+        # slows the round being trained; the block's members are there until it ends.
+        block = self.block
+        if block is None or block.rounds >= self.rounds_per_message:
+            return None
+        return block.members
+
     def end_block(self, reason: str, culprits: frozenset[int] = frozenset()) -> None:
         """End the open block, if any; its clients' Flower replies are collected and dropped
         (but the ``culprits``', which may never come)."""
