@@ -551,9 +551,10 @@ class RoundStrategy(Strategy):
         self, grid: Grid, server_round: int, config: ConfigRecord, timeout: float
     ) -> RoundPlan | None:
         """The first attempt at ``server_round``, planned while the round before it trains,
-        when its clients can train it while that round is evaluated and recorded: sampling asks
-        Flower for the connected nodes (a round trip to the SuperLink), which would otherwise
-        keep every client waiting between the two rounds. Its model comes with ``_open_ahead``.
+        when its clients can train it while that round is evaluated and recorded: sampling may
+        ask Flower for the connected nodes (a round trip to the SuperLink, when a new block
+        starts), which would otherwise keep every client waiting between the two rounds. Its
+        model comes with ``_open_ahead``.
         None when the clients cannot train ahead, or when it cannot be planned yet (it is then
         planned again in its own round, and fails there)."""
         if not self.trains_ahead():
