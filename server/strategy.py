@@ -357,11 +357,6 @@ class RoundStrategy(Strategy):
         rng = random.Random(f"{self.seed}-{server_round}-{attempt}")
         return self.in_partition_order(rng.sample(available, wanted))
 
-    def connected_nodes(self, grid: Grid, timeout: float) -> list[int]:
-        """The nodes a round draws its clients from: Flower's connected ones, once there are
-        ``num_clients``."""
-        return self._wait_for_nodes(grid, timeout)
-
     def learn_partitions(self, grid: Grid, nodes: Iterable[int], *, timeout: float) -> None:
         """Ask the ``nodes`` not asked yet which partition they train on (one exchange); a
         node that cannot say is left out of the run, like a node that failed a round."""
@@ -554,9 +549,8 @@ class RoundStrategy(Strategy):
         when its clients can train it while that round is evaluated and recorded: sampling may
         ask Flower for the connected nodes (a round trip to the SuperLink, when a new block
         starts), which would otherwise keep every client waiting between the two rounds. Its
-        model comes with ``_open_ahead``.
-        None when the clients cannot train ahead, or when it cannot be planned yet (it is then
-        planned again in its own round, and fails there)."""
+        model comes with ``_open_ahead``. None when the clients cannot train ahead, or when it
+        cannot be planned yet (it is then planned again in its own round, and fails there)."""
         if not self.trains_ahead():
             return None
         try:
@@ -600,9 +594,10 @@ class RoundStrategy(Strategy):
             log(WARNING, "Round %d: client evaluation failed: %s", server_round, error)
             return None
 
-    def _wait_for_nodes(self, grid: Grid, timeout: float) -> list[int]:
-        """The connected nodes, once ``num_clients`` are; a NO_CLIENTS failure that says what
-        to do after ``min_nodes_timeout`` seconds (default ``timeout``)."""
+    def connected_nodes(self, grid: Grid, timeout: float) -> list[int]:
+        """The nodes a round draws its clients from: Flower's connected ones, once
+        ``num_clients`` are; a NO_CLIENTS failure that says what to do after
+        ``min_nodes_timeout`` seconds (default ``timeout``)."""
         wait = timeout if self.min_nodes_timeout is None else self.min_nodes_timeout
         deadline = time.monotonic() + wait
         reported = None

@@ -208,9 +208,10 @@ def test_the_clients_train_a_blocks_next_round_while_the_server_evaluates(tmp_pa
 def test_a_blocks_next_round_is_drawn_while_the_round_before_it_trains(
     tmp_path, monkeypatch, rounds_per_message, drawn_ahead
 ):
-    """Sampling asks Flower for the connected nodes, deployed a round trip to the SuperLink. In
-    a block it happens while the clients train the round before, not between the two rounds,
-    where every client would wait for it; with a message per round nothing trains ahead."""
+    """Drawing a round's clients may ask Flower for the connected nodes (deployed a round trip
+    to the SuperLink). In a block it happens while the clients train the round before, not
+    between the two rounds, where every client would wait for it; with a message per round
+    nothing trains ahead."""
     events = []
     real_sample, real_run_round = RoundStrategy.sample_nodes, RoundStrategy.run_round
 
