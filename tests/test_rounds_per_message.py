@@ -50,6 +50,7 @@ from common.transports.grpc.wire import (
     decode_plan,
     decode_state,
     encode_next,
+    encode_plan,
     encode_state,
     encode_upload,
     plan_size,
@@ -528,28 +529,35 @@ def test_block_calls_need_the_blocks_credential_and_fit_the_models_size(tmp_path
     state = task.build_global_model(cfg).state_dict()
     spec = state_spec(state)
     limits = Limits(max_block_request=block_request_size(spec), max_block_reply=plan_size(spec))
-    with BNSyncService(timeout=1.0, max_clients=2, limits=limits) as service:
-        _, credentials = service.open_block(7, ["1", "2"], spec, max_examples=12)
+    # The service's timeout is also its connections' age: a call that outlives it is cut off
+    # (UNAVAILABLE), and gRPC refuses an oversized request only after 0.1-1 s. 30 s keeps that
+    # race out of a test about credentials and sizes.
+    with BNSyncService(timeout=30.0, max_clients=2, limits=limits) as service:
+        block, credentials = service.open_block(7, ["1", "2"], spec, max_examples=12)
+        plans = {c: encode_plan(0, 1, 0.1, None, credentials[c], encode_state(state)) for c in "12"}
+        block.publish(0, ["1", "2"], plans)
 
-        def ask(credential: str, request: bytes) -> grpc.StatusCode:
-            # A connection per call: the service ends connections after its timeout (1 s here),
-            # and a call racing that end gets UNAVAILABLE instead of the service's answer.
+        def ask(credential: str, request: bytes) -> tuple[grpc.StatusCode, bytes]:
             with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
                 call = channel.unary_unary(BLOCK_METHOD, _registered_method=True)
+                metadata = Caller(7, "1", credential).metadata()
                 try:
-                    call(request, timeout=5, metadata=Caller(7, "1", credential).metadata())
+                    reply = call(request, timeout=30, metadata=metadata)
                 except grpc.RpcError as error:
-                    return error.code()
-                return grpc.StatusCode.OK
+                    return error.code(), b""
+                return grpc.StatusCode.OK, reply
 
-        assert ask("not-the-credential", encode_next(-1)) == grpc.StatusCode.UNAUTHENTICATED
-        assert ask(credentials["2"], encode_next(-1)) == grpc.StatusCode.UNAUTHENTICATED
-        assert ask(credentials["1"], encode_next(-1)) == grpc.StatusCode.OK  # a WAIT
+        assert ask("not-the-credential", encode_next(-1))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert ask(credentials["2"], encode_next(-1))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert ask(credentials["1"], encode_next(-1)) == (grpc.StatusCode.OK, plans["1"])
         # The cap is the model's own size: a state twice as large never reaches a handler.
         bigger = {**state, "extra": torch.zeros(sum(t.numel() for t in state.values()))}
         upload = encode_upload(0, 12, 1.0, 0, encode_state(bigger))
         assert len(upload) > block_request_size(spec)
-        assert ask(credentials["1"], upload) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ask(credentials["1"], upload)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The same upload at the model's own size is taken (an empty reply).
+        fitting = encode_upload(0, 12, 1.0, 0, encode_state(state))
+        assert ask(credentials["1"], fitting) == (grpc.StatusCode.OK, b"")
 
 
 # --- 4. config ---------------------------------------------------------------------------------
