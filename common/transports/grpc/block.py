@@ -25,11 +25,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
-import torch
 
 from common.fedtan.bn_channel import BNSyncError
-from common.transports.averaging import ClientUpdate
+from common.transports.averaging import ClientUpdate, all_finite
 from common.transports.grpc.members import Members
 from common.transports.grpc.wire import (
     GIVE_UP,
@@ -46,14 +44,6 @@ from common.transports.grpc.wire import (
 )
 
 BLOCK_CALLS_PER_MEMBER = 2  # a NEXT or UPLOAD, and the GIVE_UP a client sends when it fails
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    # numpy where it can: torch's intra-op threads make each small check cost milliseconds
-    # on a loaded machine (the simulated clients are that load), numpy uses none.
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
-        return bool(tensor.isfinite().all())
-    return bool(np.isfinite(tensor.numpy()).all())
 
 
 class BlockRefusal(Exception):
@@ -221,7 +211,7 @@ class Block(Members):
             raise BNSyncError(f"partition id {partition_id} is negative")
         state = decode_state(frame, self._spec)
         for name, tensor in state.items():
-            if tensor.is_floating_point() and not _all_finite(tensor):
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise BNSyncError(f"state entry {name!r} has non-finite values")
         return ClientUpdate(int(client_id), partition_id, num_examples, train_loss, state)
 
