@@ -28,7 +28,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
@@ -65,6 +65,7 @@ from common.protocol import (
     TRAIN_LOSS,
     TrainSettings,
 )
+from common.state_records import record_to_state, state_to_record
 from common.transports.grpc.client import (
     GrpcBlockChannel,
     GrpcBNChannel,
@@ -129,7 +130,7 @@ def train(msg: Message, context: Context) -> Message:
         PARTITION_ID: result.partition_id,
     }
     content = RecordDict(
-        {MODEL_RECORD: ArrayRecord(dict(result.state)), METRICS_RECORD: MetricRecord(metrics)}
+        {MODEL_RECORD: state_to_record(result.state), METRICS_RECORD: MetricRecord(metrics)}
     )
     return Message(content, reply_to=msg)
 
@@ -232,7 +233,7 @@ def _round_model_and_batches(
             f"round {cached_round}): stale message, or the round's first message "
             "was lost"
         )
-    state = context.state.array_records[ROUND_MODEL_STATE].to_torch_state_dict()
+    state = record_to_state(context.state.array_records[ROUND_MODEL_STATE])
     return _model_and_batches(context, state, server_round, settings, local_steps)
 
 

@@ -15,7 +15,7 @@ carries any of them is refused, so the server can never overwrite them.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from common.experiment import task
@@ -33,6 +33,7 @@ from common.protocol import (
     TRAIN_LOSS,
     TrainSettings,
 )
+from common.state_records import record_to_state, state_to_record
 
 
 def train(msg: Message, context: Context, partition: tuple[int, int]) -> Message:
@@ -62,14 +63,16 @@ def train(msg: Message, context: Context, partition: tuple[int, int]) -> Message
     )
     state = contiguous_state(model)
     if own:
-        context.state[OWN_STATE] = ArrayRecord({k: state[k] for k in own})
+        context.state[OWN_STATE] = state_to_record({k: state[k] for k in own})
     metrics = {
         NUM_EXAMPLES: sum(len(targets) for _, targets in batches),
         TRAIN_LOSS: losses[0],  # the first step's: the round's model on this client's batch
         PARTITION_ID: partition[0],
     }
     shared = {k: v for k, v in state.items() if k not in own}
-    content = RecordDict({MODEL_RECORD: ArrayRecord(shared), METRICS_RECORD: MetricRecord(metrics)})
+    content = RecordDict(
+        {MODEL_RECORD: state_to_record(shared), METRICS_RECORD: MetricRecord(metrics)}
+    )
     return Message(content, reply_to=msg)
 
 
@@ -85,14 +88,14 @@ def _own_model(msg: Message, context: Context, cfg: RunConfig) -> tuple[nn.Modul
     """The global entries of the message over this client's own; and the own entries' keys."""
     model = task.build_global_model(cfg)
     own = local_keys(model, METHODS[cfg.method])
-    received = msg.content.array_records[MODEL_RECORD].to_torch_state_dict()
+    received = record_to_state(msg.content.array_records[MODEL_RECORD])
     if overlap := sorted(own & set(received)):
         raise ValueError(f"the server sent entries that are this client's own: {overlap}")
     state = model.state_dict()
     if missing := sorted(set(state) - own - set(received)):
         raise ValueError(f"the server's model lacks entries: {missing}")
     if OWN_STATE in context.state.array_records:
-        state.update(context.state.array_records[OWN_STATE].to_torch_state_dict())
+        state.update(record_to_state(context.state.array_records[OWN_STATE]))
     state.update(received)
     model.load_state_dict(state)
     return place_model(model, task.pick_device(cfg.device), cfg.channels_last), own

@@ -19,6 +19,7 @@ from common.experiment.config import RunConfig
 from common.experiment.methods import METHODS
 from common.fedtan.bn_sync import trace_sync_points
 from common.protocol import TrainSettings
+from common.state_records import record_to_state, state_to_record
 from common.transports.base import Transport
 from common.transports.grpc.server import GrpcTransport, trace_sync_shape
 from common.transports.grpc.service import SyncShape
@@ -105,7 +106,7 @@ def _run(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> tuple[Result, str
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round % cfg.eval_interval and server_round != cfg.num_rounds:
             return None
-        model.load_state_dict(arrays.to_torch_state_dict())
+        model.load_state_dict(record_to_state(arrays))
         return MetricRecord(task.evaluate(model, cfg))
 
     try:
@@ -114,7 +115,7 @@ def _run(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> tuple[Result, str
             transport.check(grid, nodes, cfg.reply_timeout)
         result = strategy.start(
             grid,
-            ArrayRecord(model.state_dict()),
+            state_to_record(model.state_dict()),
             num_rounds=cfg.num_rounds,
             timeout=cfg.reply_timeout,
             train_config=ConfigRecord(settings.to_config()),

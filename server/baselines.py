@@ -24,6 +24,7 @@ from common.experiment.methods import METHODS, centralized_round, local_keys
 from common.fedtan import Batch
 from common.fedtan.bn_channel import BNSyncError, check_moments
 from common.protocol import FREEZE_BN_STATS, MODEL_RECORD, NUM_EXAMPLES, TRAIN_LOSS, TrainSettings
+from common.state_records import record_to_state, state_to_record
 from common.transports.base import FailureKind, RoundFailure, RoundPlan, RoundSync
 from server.strategy import RoundStrategy
 
@@ -73,7 +74,7 @@ class GlobalBNStatistics(RoundStrategy):
             node = reply.metadata.src_node_id
             if MODEL_RECORD not in reply.content.array_records:
                 continue  # RoundStrategy.aggregate_train names the malformed reply
-            state = reply.content.array_records[MODEL_RECORD].to_torch_state_dict()
+            state = record_to_state(reply.content.array_records[MODEL_RECORD])
             try:
                 for layer in self.layers:
                     check_moments(node, layer, recorded_moments(state, layer))
@@ -83,9 +84,9 @@ class GlobalBNStatistics(RoundStrategy):
                 ) from None
             states.append(state)
         averaged, metrics = super().aggregate_train(server_round, replies)
-        global_state = averaged.to_torch_state_dict()
+        global_state = record_to_state(averaged)
         global_state.update(pooled_statistics(states, self.layers))
-        return ArrayRecord(global_state), metrics
+        return state_to_record(global_state), metrics
 
 
 class Centralized(RoundStrategy):
@@ -114,7 +115,7 @@ class Centralized(RoundStrategy):
         self, grid: Grid, plan: RoundPlan, arrays: ArrayRecord, sync: RoundSync
     ) -> tuple[ArrayRecord, MetricRecord]:
         settings = TrainSettings.from_config(plan.config)
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.model.load_state_dict(record_to_state(arrays))
         self.model.to(self.device)
         client_batches = self.batches(plan.server_round, settings.batch_size, settings.local_steps)
         losses = centralized_round(
@@ -131,7 +132,7 @@ class Centralized(RoundStrategy):
             "clients": len(client_batches),
         }
         state = {k: v.cpu() for k, v in self.model.state_dict().items()}
-        return ArrayRecord(state), MetricRecord(metrics)
+        return state_to_record(state), MetricRecord(metrics)
 
 
 def baseline_strategy(cfg: RunConfig, model: nn.Module, **kwargs) -> RoundStrategy:

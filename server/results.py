@@ -61,6 +61,7 @@ from flwr.serverapp.strategy import Result
 from torch import Tensor
 
 from common.experiment.config import RunConfig
+from common.state_records import record_to_state
 from server.checkpoint import MODEL_FILE, make_checkpoint, read_checkpoint, run_description
 
 COLUMNS = (
@@ -192,7 +193,7 @@ class RunRecorder:
             make_checkpoint(
                 self.cfg,
                 server_round,
-                arrays.to_torch_state_dict(),
+                record_to_state(arrays),
                 excluded_partitions=excluded,
                 row=row,
             ),

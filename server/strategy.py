@@ -42,6 +42,7 @@ from common.protocol import (
     TRAIN_LOCAL,
     TRAIN_LOSS,
 )
+from common.state_records import record_to_state, state_to_record
 from common.transports.averaging import ClientUpdate, average_updates
 from common.transports.base import (
     DirectRound,
@@ -162,7 +163,7 @@ class RoundStrategy(Strategy):
         ``common/transports/averaging.py``)."""
         updates = [self._client_update(reply) for reply in replies]
         averaged, metrics = average_updates(updates)
-        return ArrayRecord(averaged), MetricRecord(metrics)
+        return state_to_record(averaged), MetricRecord(metrics)
 
     def _client_update(self, reply: Message) -> ClientUpdate:
         node = reply.metadata.src_node_id
@@ -173,7 +174,7 @@ class RoundStrategy(Strategy):
                 partition_id=int(metrics.get(PARTITION_ID, self.partitions.get(node, -1))),
                 num_examples=int(metrics[NUM_EXAMPLES]),
                 train_loss=float(metrics[TRAIN_LOSS]),
-                state=reply.content.array_records[MODEL_RECORD].to_torch_state_dict(),
+                state=record_to_state(reply.content.array_records[MODEL_RECORD]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise RoundFailure(

@@ -55,6 +55,7 @@ from common.protocol import (
     TRAIN_FEDTAN_BLOCK,
     TrainSettings,
 )
+from common.state_records import record_to_state, state_to_record
 from common.transports.averaging import average_updates
 from common.transports.base import (
     FailureKind,
@@ -371,7 +372,7 @@ class GrpcBlock:
             plan.traffic.model_bytes += state_size * (len(self.members) + len(updates))
         if self.rounds == self.transport.rounds_per_message:
             self.transport.end_block("the block's last round is done")
-        arrays = ArrayRecord(averaged)
+        arrays = state_to_record(averaged)
         self._last_average = (arrays, averaged)
         return arrays, MetricRecord(metrics)
 
@@ -388,7 +389,7 @@ class GrpcBlock:
         """``arrays`` as tensors: the block's own last average needs no decoding."""
         if self._last_average is not None and self._last_average[0] is arrays:
             return self._last_average[1]
-        return arrays.to_torch_state_dict()
+        return record_to_state(arrays)
 
     def end(self, reason: str, culprits: frozenset[int] = frozenset()) -> None:
         """Tell the members the block ended; collect their Flower replies (not the culprits')."""
