@@ -7,7 +7,9 @@ have sent. Two ways, measured side by side in one run:
 * ``call``: a call per exchange (the BN sync service's way: a request-streaming handler, one
   message in, one out);
 * ``stream``: one bidirectional stream per client and round of 6 exchanges (small_cnn's 2L),
-  each exchange a message each way on it.
+  each exchange a message each way on it;
+* ``aio-call``: a call per exchange, served by gRPC's asyncio server (``grpc.aio``) instead of
+  the thread pool (the clients stay synchronous, as FedTAN's are).
 
 It prints the wall time per exchange and the CPU time of the server and of the clients per
 message: what a round of many exchanges costs a machine whose cores the clients already fill.
@@ -18,6 +20,7 @@ message: what a round of many exchanges costs a machine whose cores the clients 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing as mp
 import queue
 import resource
@@ -29,7 +32,12 @@ import grpc
 
 PAYLOAD = b"x" * 600
 EXCHANGES_PER_ROUND = 6
-METHODS = {"call": "/bench.Floor/Call", "stream": "/bench.Floor/Stream"}
+# way -> (server, method)
+WAYS = {
+    "call": ("threads", "/bench.Floor/Call"),
+    "stream": ("threads", "/bench.Floor/Stream"),
+    "aio-call": ("aio", "/bench.Floor/Call"),
+}
 
 
 class _Barrier:
@@ -48,6 +56,11 @@ class _Barrier:
                 self.cond.notify_all()
             while self.generation == generation:
                 self.cond.wait()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _server(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
@@ -74,23 +87,59 @@ def _server(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
     ports.put(server.add_insecure_port("127.0.0.1:0"))
     server.start()
     while control.get() == "measure":
-        before = resource.getrusage(resource.RUSAGE_SELF)
+        before = _cpu_seconds()
         control.get()  # "done"
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        ports.put(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        ports.put(_cpu_seconds() - before)
     server.stop(0)
+
+
+def _aio_server(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
+    asyncio.run(_serve_aio(clients, ports, control))
+
+
+async def _serve_aio(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
+    arrived, generation = 0, 0
+    changed = asyncio.Condition()
+
+    async def call(requests, context):
+        nonlocal arrived, generation
+        async for _ in requests:
+            break
+        async with changed:
+            mine = generation
+            arrived += 1
+            if arrived == clients:
+                arrived, generation = 0, mine + 1
+                changed.notify_all()
+            await changed.wait_for(lambda: generation != mine)
+        return PAYLOAD
+
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Floor", {"Call": grpc.stream_unary_rpc_method_handler(call)}
+    )
+    server.add_generic_rpc_handlers([handler])
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    await server.start()
+    loop = asyncio.get_running_loop()
+    while await loop.run_in_executor(None, control.get) == "measure":
+        before = _cpu_seconds()
+        await loop.run_in_executor(None, control.get)  # "done"
+        ports.put(_cpu_seconds() - before)
+    await server.stop(0)
 
 
 def _client(port: int, way: str, exchanges: int, start: mp.Event, out: mp.Queue) -> None:
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", [("grpc.use_local_subchannel_pool", 1)])
     start.wait()
     wall, cpu = time.perf_counter(), time.process_time()
-    if way == "call":
-        call = channel.unary_unary(METHODS["call"], _registered_method=True)
+    _, method = WAYS[way]
+    if method.endswith("/Call"):
+        call = channel.unary_unary(method, _registered_method=True)
         for _ in range(exchanges):
             call(PAYLOAD, timeout=30)
     else:
-        stub = channel.stream_stream(METHODS["stream"], _registered_method=True)
+        stub = channel.stream_stream(method, _registered_method=True)
         for _ in range(exchanges // EXCHANGES_PER_ROUND):
             requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
             replies = stub(iter(requests.get, None), timeout=30)
@@ -129,7 +178,7 @@ def measure(
     messages = exchanges * clients
     client_cpu = sum(t[1] for t in timings) / messages
     print(
-        f"{way:7} {wall * 1e3:8.2f} {server_cpu / messages * 1e3:12.3f} "
+        f"{way:8} {wall * 1e3:8.2f} {server_cpu / messages * 1e3:12.3f} "
         f"{client_cpu * 1e3:12.3f} {(server_cpu / messages + client_cpu) * 1e3:12.3f}"
     )
 
@@ -143,22 +192,28 @@ def main() -> None:
     if args.exchanges % EXCHANGES_PER_ROUND:
         parser.error(f"--exchanges must be a multiple of {EXCHANGES_PER_ROUND}")
     ctx = mp.get_context("spawn")
-    ports, control = ctx.Queue(), ctx.Queue()
-    server = ctx.Process(target=_server, args=(args.clients, ports, control), daemon=True)
-    server.start()
+    servers = {}  # kind -> (process, its queue of ports and CPU times, its control queue)
+    for kind, target in (("threads", _server), ("aio", _aio_server)):
+        ports, control = ctx.Queue(), ctx.Queue()
+        process = ctx.Process(target=target, args=(args.clients, ports, control), daemon=True)
+        process.start()
+        servers[kind] = (process, ports, control)
     try:
         print(f"{args.clients} client processes, {args.exchanges} exchanges each way and repeat")
-        print(f"{'way':7} {'ms/exch':>8} {'server ms/msg':>12} {'client ms/msg':>12}", end="")
+        print(f"{'way':8} {'ms/exch':>8} {'server ms/msg':>12} {'client ms/msg':>12}", end="")
         print(f" {'sum ms/msg':>12}")
-        port = ports.get()
+        port = {kind: ports.get() for kind, (_, ports, _) in servers.items()}
         for _ in range(args.repeats):
-            for way in METHODS:
-                measure(way, port, args.clients, args.exchanges, ports, control)
+            for way, (kind, _) in WAYS.items():
+                _, ports, control = servers[kind]
+                measure(way, port[kind], args.clients, args.exchanges, ports, control)
     finally:
-        control.put("stop")
-        server.join(10)
-        if server.is_alive():
-            server.kill()
+        for _, _, control in servers.values():
+            control.put("stop")
+        for process, _, _ in servers.values():
+            process.join(10)
+            if process.is_alive():
+                process.kill()
 
 
 if __name__ == "__main__":
