@@ -1,12 +1,12 @@
 """Model states as Flower ``ArrayRecord``s, byte for byte as Flower writes them, faster.
 
 ``ArrayRecord(state)`` serializes every entry with ``np.save`` and reads it back with
-``np.load``; for a ResNet-20 state (116 entries) that is 6-8 ms each way, paid on the server's
+``np.load``; for a ResNet-20 state (116 entries) that is 6-11 ms each way, paid on the server's
 path between two rounds (and per client reply). Here each entry's ``.npy`` header is made once
-per dtype and shape and the data are copied as they are: the same bytes, 2x faster to write and
-5x faster to read. Anything out of the ordinary (a non-contiguous tensor, a dtype numpy cannot
-hold, bytes that are not exactly what ``np.save`` writes) goes through Flower's own code, which
-also raises its errors.
+per dtype and shape and the data are copied as they are: the same bytes, in about half the time
+to write and a tenth to read (``scripts/bench_state_records.py``). Anything out of the
+ordinary (a non-contiguous tensor, a dtype numpy cannot hold, bytes that are not exactly what
+``np.save`` writes) goes through Flower's own code, which also raises its errors.
 """
 
 from __future__ import annotations
