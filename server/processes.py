@@ -8,7 +8,7 @@
         wait_for_port(port, timeout=30, procs=[link])
         ...
     finally:
-        stop_processes([link])        # SIGINT, a grace period, then SIGKILL
+        stop_processes([link])        # SIGINT, then SIGTERM below the root, then SIGKILL
 
 What a Flower process starts does not always stay below it: a SuperLink starts its SuperExec in
 a new session, ``flwr run`` starts the local simulation SuperLink detached, and when a parent
@@ -298,20 +298,33 @@ def adopt_local_superlinks(
 
 
 def stop_processes(
-    procs: Iterable[ManagedProcess | None], grace: float = 15.0, kill_wait: float = 5.0
+    procs: Iterable[ManagedProcess | None],
+    grace: float = 15.0,
+    kill_wait: float = 5.0,
+    term_after: float = 3.0,
 ) -> list[str]:
-    """SIGINT every root, wait up to ``grace`` s for the families, SIGKILL what is left.
+    """SIGINT every root; SIGTERM what is left below the roots after ``term_after`` s; SIGKILL
+    what is left after ``grace`` s. Returns a line per process that had to be killed. Never
+    raises for a process that already exited.
 
     SIGINT is what stops a SuperLink or SuperNode cleanly (SIGTERM skips their shutdown); their
-    SuperExec, ServerApp/ClientApp and Ray processes follow within seconds. Returns a line per
-    process that had to be killed. Never raises for a process that already exited.
+    SuperExec, ServerApp/ClientApp and Ray processes usually follow within seconds. Not always:
+    a ServerApp inside a block of rounds talks only to its BN sync service, and trains on with
+    its SuperLink gone until it next asks Flower for something. Flower's processes exit through
+    their own handlers on SIGTERM, so they get one before the SIGKILL that would cut them off.
     """
     procs = [p for p in procs if p is not None]
     for proc in procs:
         proc.refresh()
         if proc.running():
             _signal(proc.pid, signal.SIGINT)
-    survivors = _wait_families_gone(procs, grace)
+    deadline = time.monotonic() + grace
+    survivors = _wait_families_gone(procs, min(term_after, grace))
+    for proc, pids in survivors.items():
+        for pid in pids - {proc.pid}:
+            _signal(pid, signal.SIGTERM)
+    if survivors:
+        survivors = _wait_families_gone(procs, max(0.0, deadline - time.monotonic()))
     killed = []
     if survivors:
         table = process_table()

@@ -6,7 +6,8 @@ reaches none of them, and they outlive ``flwr run`` for minutes or for good. So 
 runs in a session of its own, with its own ``FLWR_HOME`` and free ports for a local SuperLink
 (started here, as Flower would start it, but given time to come up), and ``FlowerRun.stop``
 stops its whole family (``server.processes``: children, and every session a member started) and
-the local SuperLink of that ``FLWR_HOME``: SIGINT, a grace period, SIGKILL.
+the local SuperLink of that ``FLWR_HOME``: SIGINT to the roots, SIGTERM to what is left below
+them a few seconds later, SIGKILL to what is left after that.
 """
 
 from __future__ import annotations
