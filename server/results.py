@@ -9,7 +9,9 @@ one, so a kill at any moment leaves each file whole, old or new; the leftovers o
 interrupted write are removed at the next start. After every good round the model
 (``model.pt``, a self-describing checkpoint: ``server/checkpoint.py``) is written before the
 metrics that announce it, then ``summary.json``, whose ``status`` is "running" until the run
-ends "completed", "stopped" (a round failed for good) or "failed" (an exception).
+ends "completed", "stopped" (a round failed for good) or "failed" (an exception). A ServerApp
+stopped from outside (Ctrl-C, SIGTERM) or killed cannot say so; whoever stopped it and saw its
+processes gone closes the summary for it (``close_abandoned_run``: "interrupted" or "failed").
 
 The metrics of every round are appended to ``metrics.jsonl`` (one JSON row per line, flushed to
 disk): the record a resume reads, written in time proportional to a row, whatever the run's
@@ -384,7 +386,40 @@ def remove_partial_writes(folder: Path) -> list[Path]:
     return leftovers
 
 
+def close_abandoned_run(folder: Path, status: str, reason: str) -> dict[str, Any] | None:
+    """Say how the run in ``folder`` ended when its ServerApp could not: stopped from outside or
+    killed, its summary still says "running". Only for a caller that knows the ServerApp's
+    processes are gone (nothing else writes the folder any more).
+
+    Such a summary becomes ``status`` with ``reason``; its rounds completed and final row are
+    the model's, the round a resume continues from (a kill may have cut the summary short of
+    it). Returns the summary as it now stands, or None when ``folder`` holds none.
+    """
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "running":
+        return summary if isinstance(summary, dict) else None
+    last = _last_completed_round(folder)
+    summary.update(
+        status=status,
+        reason=reason,
+        rounds_completed=last.rounds_done,
+        final=last.rows[-1] if last.rows else None,
+    )
+    atomic_write(folder / SUMMARY_FILE, _json(summary))
+    return summary
+
+
 def _resume_point(folder: Path) -> ResumePoint:
+    point = _last_completed_round(folder)
+    if point.state is not None:
+        log(INFO, "Resuming the run in %s after round %d", folder, point.rounds_done)
+    return point
+
+
+def _last_completed_round(folder: Path) -> ResumePoint:
     if not (folder / MODEL_FILE).exists():  # stopped before its first round completed
         return ResumePoint()
     checkpoint = read_checkpoint(folder)
@@ -394,7 +429,6 @@ def _resume_point(folder: Path) -> ResumePoint:
     rows = [row for row in rows if row["round"] < done]
     if checkpoint["metrics"]:
         rows.append(checkpoint["metrics"])
-    log(INFO, "Resuming the run in %s after round %d", folder, done)
     return ResumePoint(done, checkpoint["state_dict"], set(checkpoint["excluded_partitions"]), rows)
 
 

@@ -222,6 +222,27 @@ def test_a_round_whose_averaged_model_is_not_finite_fails_and_is_never_saved(tmp
     assert not (out / "model.pt").exists()
 
 
+def test_a_summary_left_running_is_closed_by_whoever_stopped_the_run(tmp_path):
+    out = tmp_path / "out"
+    run(out)
+    completed = summary(out)
+    # A summary that tells how its run ended is the ServerApp's word: it stays as it is.
+    assert results.close_abandoned_run(out, "interrupted", "stopped by SIGINT") == completed
+    assert summary(out) == completed
+    # As a ServerApp killed while writing round 2 leaves it: the model is round 2's, the
+    # summary still "running" at round 1.
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    abandoned = {**completed, "status": "running", "rounds_completed": 1, "final": first}
+    (out / "summary.json").write_text(json.dumps(abandoned))
+
+    closed = results.close_abandoned_run(out, "interrupted", "stopped by SIGINT")
+
+    assert closed == {**completed, "status": "interrupted", "reason": "stopped by SIGINT"}
+    assert summary(out) == closed
+    assert results.close_abandoned_run(out, "failed", "later") == closed  # closed once
+    assert results.close_abandoned_run(tmp_path / "no-run", "failed", "x") is None
+
+
 def assert_saved_is(out: Path, result: Result) -> None:
     saved, final = load_state_dict(out), result.arrays.to_torch_state_dict()
     assert all(torch.equal(saved[k], final[k]) for k in final)
@@ -529,6 +550,11 @@ def test_a_kill_at_any_moment_of_writing_leaves_a_consistent_folder(tmp_path):
         assert_consistent(out)
         assert json.loads((out / "summary.json").read_text())["status"] == "running"
         leftovers += bool(list(out.rglob("*.partial")))
+        # Who stopped it closes the summary at the model's round; the next start resumes there.
+        closed = results.close_abandoned_run(out, "interrupted", "stopped by SIGKILL")
+        done = read_checkpoint(out)["round"]
+        assert (closed["status"], closed["rounds_completed"]) == ("interrupted", done)
+        assert closed["final"]["round"] == done and summary(out) == closed
     print(f"{leftovers} of {KILLS} kills left a partial write behind")
     RunRecorder(RunConfig.from_flower({**cfg.to_flower(), "resume": True}))
     assert not list(out.rglob("*.partial"))

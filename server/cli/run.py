@@ -39,6 +39,7 @@ from server.cli.settings import (
     validate,
 )
 from server.processes import flower_env, local_superlink_env, write_flower_config, write_run_config
+from server.results import close_abandoned_run
 
 # Per-run working files (the run config Flower gets, its log, a local SuperLink's FLWR_HOME).
 WORK_DIR = PROJECT_DIR / ".flwr" / "runs"
@@ -172,6 +173,7 @@ def follow(flower: FlowerRun, cfg: RunConfig, out: Path, work: Path, progress: P
     """Run Flower to its end (or a signal), stop everything it started, return the exit code."""
     started = time.time()
     status = None
+    killed: list[str] = []
     try:
         with signals_interrupt():
             try:
@@ -192,17 +194,23 @@ def follow(flower: FlowerRun, cfg: RunConfig, out: Path, work: Path, progress: P
                 status = flower.flower_status()  # while a local SuperLink still answers
             finally:
                 with signals_ignored():
-                    flower.stop()
+                    killed += flower.stop()
     except Interrupted as interrupt:
         with signals_ignored():
             flower.cancel_remote()
-            flower.stop()  # again: the signal may have cut the first stop short
+            killed += flower.stop()  # again: the signal may have cut the first stop short
+        _warn_killed(killed)
+        # The log runs behind the rounds (Flower streams it in batches): the folder says how
+        # far the run got.
+        summary = _close_summary(flower, out, started, "interrupted", f"stopped by {interrupt}")
+        done = summary["rounds_completed"] if summary else progress.rounds_done
         print(
-            f"fedtan: stopped by {interrupt} after {progress.rounds_done} of {cfg.num_rounds} "
+            f"fedtan: stopped by {interrupt} after {done} of {cfg.num_rounds} "
             f"rounds; Flower's processes are stopped; results so far in {out}",
             flush=True,
         )
         return 128 + interrupt.signum
+    _warn_killed(killed)
     return verdict(flower, cfg, out, work, progress, status, started)
 
 
@@ -236,6 +244,10 @@ def verdict(
     elif summary is None and progress.rounds_done < cfg.num_rounds:
         reason = f"{progress.rounds_done} of {cfg.num_rounds} rounds reported"
     if reason is not None:
+        if summary is not None and summary.get("status") == "running":
+            # The ServerApp died without a word (killed, out of memory): its folder says so now.
+            summary = _close_summary(flower, out, started, "failed", reason) or summary
+            reason += f"; {summary.get('rounds_completed')} of {cfg.num_rounds} rounds completed"
         print(f"fedtan: FAILED: {reason} (Flower's log: {flower.log_path})", flush=True)
         return 1
     shutil.rmtree(work, ignore_errors=True)
@@ -249,6 +261,23 @@ def verdict(
         flush=True,
     )
     return 0
+
+
+def _close_summary(
+    flower: FlowerRun, out: Path, since: float, status: str, reason: str
+) -> dict | None:
+    """This run's summary once Flower's processes are stopped; one the ServerApp left "running"
+    is closed with ``status`` and ``reason`` when the ServerApp ran here (a Ray simulation).
+    Elsewhere it may still be writing: its summary is only read."""
+    if flower.flwr_home is None or _read_summary(out, since) is None:
+        return _read_summary(out, since)
+    return close_abandoned_run(out, status, reason)
+
+
+def _warn_killed(killed: list[str]) -> None:
+    """Name what had to be SIGKILLed: it ignored SIGINT and SIGTERM, and cleaned nothing up."""
+    for line in killed:
+        print(f"fedtan: warning: {line} (it ignored SIGINT and SIGTERM)", flush=True)
 
 
 def _read_summary(out: Path, since: float) -> dict | None:
