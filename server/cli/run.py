@@ -200,8 +200,8 @@ def follow(flower: FlowerRun, cfg: RunConfig, out: Path, work: Path, progress: P
             flower.cancel_remote()
             killed += flower.stop()  # again: the signal may have cut the first stop short
         _warn_killed(killed)
-        # The log runs behind the rounds (Flower streams it in batches): the folder says how
-        # far the run got.
+        # The log runs behind the rounds (Flower uploads and streams it every 0.2 and 0.5 s):
+        # the folder says how far the run got.
         summary = _close_summary(flower, out, started, "interrupted", f"stopped by {interrupt}")
         done = summary["rounds_completed"] if summary else progress.rounds_done
         print(
