@@ -7,9 +7,10 @@
 * A completed run exits 0, its last line names the folder and the final accuracy; a failed run
   exits non-zero with a one-line reason; SIGINT (Ctrl-C) and SIGTERM in the middle of a round
   (or of a block of rounds) exit 128 + N, with the run folder's summary "interrupted" at its
-  last completed round, which the last line names. In every case nothing the command started is left running (its whole process
-  family, followed through ``/proc`` while it runs, including the detached local SuperLink and
-  Ray's processes) and the local SuperLink's ports are closed.
+  last completed round, which the last line names. In every case nothing the command started
+  is left running (its whole process family, followed through ``/proc`` while it runs,
+  including the detached local SuperLink and Ray's processes) and the local SuperLink's ports
+  are closed.
 * A federation with fewer SuperNodes than clients fails after ``min-nodes-timeout``, saying how
   many connected and what to do.
 
