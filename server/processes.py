@@ -303,9 +303,9 @@ def stop_processes(
     kill_wait: float = 5.0,
     term_after: float = 3.0,
 ) -> list[str]:
-    """SIGINT every root; SIGTERM what is left below the roots after ``term_after`` s; SIGKILL
-    what is left after ``grace`` s. Returns a line per process that had to be killed. Never
-    raises for a process that already exited.
+    """SIGINT every root; SIGTERM what is left below the roots after ``term_after`` s (at most
+    half of ``grace``); SIGKILL what is left after ``grace`` s. Returns a line per process that
+    had to be killed. Never raises for a process that already exited.
 
     SIGINT is what stops a SuperLink or SuperNode cleanly (SIGTERM skips their shutdown); their
     SuperExec, ServerApp/ClientApp and Ray processes usually follow within seconds. Not always:
@@ -319,7 +319,7 @@ def stop_processes(
         if proc.running():
             _signal(proc.pid, signal.SIGINT)
     deadline = time.monotonic() + grace
-    survivors = _wait_families_gone(procs, min(term_after, grace))
+    survivors = _wait_families_gone(procs, min(term_after, grace / 2))  # SIGTERM gets time too
     for proc, pids in survivors.items():
         for pid in pids - {proc.pid}:
             _signal(pid, signal.SIGTERM)
