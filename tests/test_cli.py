@@ -366,6 +366,26 @@ def test_a_run_whose_server_app_died_without_a_word_fails_and_its_folder_says_so
     }
 
 
+def test_a_folder_it_cannot_close_is_named_and_the_verdict_still_comes_out(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"status": "running", "rounds_completed": 3}))
+    (out / "model.pt").write_bytes(b"not a checkpoint")
+    cfg = RunConfig.from_flower({**tomllib.loads(SMALL), "num-rounds": 4})
+
+    code = verdict(
+        KilledServerAppRun(), cfg, out, tmp_path, Progress(), "finished:failed", time.time()
+    )
+
+    shown = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert shown[0].startswith(f"fedtan: warning: could not close {out / 'summary.json'}: ")
+    assert shown[-1] == (
+        "fedtan: FAILED: Flower reports the run as finished:failed; 3 of 4 rounds completed "
+        "(Flower's log: flwr-run.log)"
+    )
+
+
 # --- a federation with too few SuperNodes -------------------------------------------------------
 
 

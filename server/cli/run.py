@@ -271,7 +271,11 @@ def _close_summary(
     Elsewhere it may still be writing: its summary is only read."""
     if flower.flwr_home is None or _read_summary(out, since) is None:
         return _read_summary(out, since)
-    return close_abandoned_run(out, status, reason)
+    try:
+        return close_abandoned_run(out, status, reason)
+    except Exception as error:  # noqa: BLE001 - the verdict and exit code must come out
+        print(f"fedtan: warning: could not close {out / 'summary.json'}: {error}", flush=True)
+        return _read_summary(out, since)
 
 
 def _warn_killed(killed: list[str]) -> None:
