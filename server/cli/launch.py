@@ -36,6 +36,8 @@ LOCAL = "local"  # the federation name for a Ray simulation on a SuperLink this 
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 # flwr run gives the local SuperLink it starts 15 s, too little on a loaded machine.
 SUPERLINK_START_TIMEOUT_S = 180.0
+# How long Flower's processes get to stop after the SIGINT (SIGTERM after 3 s) before SIGKILL.
+STOP_GRACE_S = 15.0
 
 
 class LaunchError(RuntimeError):
@@ -229,10 +231,10 @@ class FlowerRun:
     def stop(self) -> list[str]:
         """Stop every process of the run; lines for the ones that had to be killed."""
         self._adopt_local_superlink()
-        killed = stop_processes(self.procs, grace=15.0)
+        killed = stop_processes(self.procs, grace=STOP_GRACE_S)
         # A SuperLink that started after the last look (flwr ls restarts one when it is gone).
         self._adopt_local_superlink()
-        return killed + stop_processes(self.procs, grace=15.0)
+        return killed + stop_processes(self.procs, grace=STOP_GRACE_S)
 
     def _start_local_superlink(self) -> None:
         """The SuperLink ``flwr run`` would start for ``:local:`` (its command in

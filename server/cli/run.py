@@ -18,6 +18,7 @@ from pathlib import Path
 from common.experiment.config import RunConfig
 from server.cli.launch import (
     LOCAL,
+    STOP_GRACE_S,
     FlowerRun,
     Interrupted,
     LaunchError,
@@ -279,9 +280,10 @@ def _close_summary(
 
 
 def _warn_killed(killed: list[str]) -> None:
-    """Name what had to be SIGKILLed: it ignored SIGINT and SIGTERM, and cleaned nothing up."""
+    """Name what had to be SIGKILLed (it cleaned nothing up). On a loaded machine a Ray worker
+    can take that long to leave; the ServerApp, which writes the results, never should."""
     for line in killed:
-        print(f"fedtan: warning: {line} (it ignored SIGINT and SIGTERM)", flush=True)
+        print(f"fedtan: {line}: still running {STOP_GRACE_S:.0f} s after SIGINT", flush=True)
 
 
 def _read_summary(out: Path, since: float) -> dict | None:
