@@ -399,8 +399,10 @@ def close_abandoned_run(folder: Path, status: str, reason: str) -> dict[str, Any
         summary = json.loads((folder / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(summary, dict) or summary.get("status") != "running":
-        return summary if isinstance(summary, dict) else None
+    if not isinstance(summary, dict):
+        return None
+    if summary.get("status") != "running":
+        return summary
     last = _last_completed_round(folder)
     summary.update(
         status=status,

@@ -200,10 +200,12 @@ def follow(flower: FlowerRun, cfg: RunConfig, out: Path, work: Path, progress: P
         with signals_ignored():
             flower.cancel_remote()
             killed += flower.stop()  # again: the signal may have cut the first stop short
-        _warn_killed(killed)
+        _report_killed(killed)
         # The log runs behind the rounds (Flower uploads and streams it every 0.2 and 0.5 s):
         # the folder says how far the run got.
-        summary = _close_summary(flower, out, started, "interrupted", f"stopped by {interrupt}")
+        summary = _close_summary(
+            flower, out, _read_summary(out, started), "interrupted", f"stopped by {interrupt}"
+        )
         done = summary["rounds_completed"] if summary else progress.rounds_done
         print(
             f"fedtan: stopped by {interrupt} after {done} of {cfg.num_rounds} "
@@ -211,7 +213,7 @@ def follow(flower: FlowerRun, cfg: RunConfig, out: Path, work: Path, progress: P
             flush=True,
         )
         return 128 + interrupt.signum
-    _warn_killed(killed)
+    _report_killed(killed)
     return verdict(flower, cfg, out, work, progress, status, started)
 
 
@@ -247,7 +249,7 @@ def verdict(
     if reason is not None:
         if summary is not None and summary.get("status") == "running":
             # The ServerApp died without a word (killed, out of memory): its folder says so now.
-            summary = _close_summary(flower, out, started, "failed", reason) or summary
+            summary = _close_summary(flower, out, summary, "failed", reason)
             reason += f"; {summary.get('rounds_completed')} of {cfg.num_rounds} rounds completed"
         print(f"fedtan: FAILED: {reason} (Flower's log: {flower.log_path})", flush=True)
         return 1
@@ -265,21 +267,21 @@ def verdict(
 
 
 def _close_summary(
-    flower: FlowerRun, out: Path, since: float, status: str, reason: str
+    flower: FlowerRun, out: Path, summary: dict | None, status: str, reason: str
 ) -> dict | None:
-    """This run's summary once Flower's processes are stopped; one the ServerApp left "running"
-    is closed with ``status`` and ``reason`` when the ServerApp ran here (a Ray simulation).
-    Elsewhere it may still be writing: its summary is only read."""
-    if flower.flwr_home is None or _read_summary(out, since) is None:
-        return _read_summary(out, since)
+    """``summary``, this run's as read once Flower's processes are stopped, closed with
+    ``status`` and ``reason`` if the ServerApp left it "running" and ran here (a Ray
+    simulation). Elsewhere the ServerApp may still be writing: its summary is only read."""
+    if summary is None or summary.get("status") != "running" or flower.flwr_home is None:
+        return summary
     try:
-        return close_abandoned_run(out, status, reason)
+        return close_abandoned_run(out, status, reason) or summary
     except Exception as error:  # noqa: BLE001 - the verdict and exit code must come out
         print(f"fedtan: warning: could not close {out / 'summary.json'}: {error}", flush=True)
-        return _read_summary(out, since)
+        return summary
 
 
-def _warn_killed(killed: list[str]) -> None:
+def _report_killed(killed: list[str]) -> None:
     """Name what had to be SIGKILLed (it cleaned nothing up). On a loaded machine a Ray worker
     can take that long to leave; the ServerApp, which writes the results, never should."""
     for line in killed:
