@@ -7,7 +7,7 @@ Run config ``method`` picks FedTAN or one of its baselines (``common/experiment/
 from __future__ import annotations
 
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
@@ -44,6 +44,7 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
     ``cfg.output_dir`` round by round (``server/results.py``). ``summary.json`` says how it
     ended, also when it raises (Flower then marks the run failed)."""
     recorder = RunRecorder(cfg)  # refuses a folder of another run, before anything is written
+    _interrupt_on_flower_exit(recorder)
     try:
         result, stop_reason = _run(grid, cfg, recorder)
         recorder.flush()  # the last round's files are written (a failure to: the run failed)
@@ -57,6 +58,24 @@ def run_fedtan(grid: Grid, cfg: RunConfig) -> Result:
         recorder.finish("stopped", stop_reason or "a round failed")
     log(INFO, "Results in %s (%d of %d rounds)", cfg.output_path.resolve(), done, cfg.num_rounds)
     return result
+
+
+STOPPED_BY_FLOWER = "stopped by Flower (flwr stop, or a signal to the ServerApp's process)"
+
+
+def _interrupt_on_flower_exit(recorder: RunRecorder) -> None:
+    """Flower ends a stopped run's ServerApp (``flwr stop``, SIGINT, SIGTERM) inside its exit
+    handlers, and with ``os._exit`` if they take over 5 s: the app may never see an exception.
+    So the summary is closed in a handler of its own, run before that timer starts. The hook is
+    Flower's internal API (flwr 1.42, pinned); without it a stopped run's summary stays
+    "running" until ``fedtan run`` or a resume reads the folder."""
+    try:
+        from flwr.supercore.exit import add_exit_handler
+    except ImportError:  # pragma: no cover - another Flower version
+        log(WARNING, "No Flower exit hook: a stopped run's summary.json will say 'running'")
+        return
+    # Also called when a finished run's process exits: then the run has ended and it is a no-op.
+    add_exit_handler(lambda: recorder.interrupt(STOPPED_BY_FLOWER), run_before_force_exit=True)
 
 
 def _run(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> tuple[Result, str | None]:

@@ -9,9 +9,11 @@ one, so a kill at any moment leaves each file whole, old or new; the leftovers o
 interrupted write are removed at the next start. After every good round the model
 (``model.pt``, a self-describing checkpoint: ``server/checkpoint.py``) is written before the
 metrics that announce it, then ``summary.json``, whose ``status`` is "running" until the run
-ends "completed", "stopped" (a round failed for good) or "failed" (an exception). A ServerApp
-stopped from outside (Ctrl-C, SIGTERM) or killed cannot say so; whoever stopped it and saw its
-processes gone closes the summary for it (``close_abandoned_run``: "interrupted" or "failed").
+ends "completed", "stopped" (a round failed for good), "failed" (an exception) or
+"interrupted" (Flower stopped the ServerApp: ``flwr stop``, or a signal to its process; it says so
+itself in Flower's exit handlers, ``RunRecorder.interrupt``). A ServerApp killed cannot say so;
+whoever stopped it and saw its processes gone closes the summary for it
+(``close_abandoned_run``: "interrupted" or "failed").
 
 The metrics of every round are appended to ``metrics.jsonl`` (one JSON row per line, flushed to
 disk): the record a resume reads, written in time proportional to a row, whatever the run's
@@ -52,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,7 @@ METRICS_CSV = "metrics.csv"
 VIEW_GROWTH = 0.01  # metrics.json/csv are rewritten once the run has grown by this share
 CHECKPOINT_DIR = "checkpoints"
 EVENTS_GLOB = "events.out.tfevents.*"
+INTERRUPT_WAIT_S = 5.0  # how long a stopped ServerApp waits for the round being written
 PARTIAL = ".partial"  # suffix of a file being written; removed at the next start
 RESULT_FILES = (MODEL_FILE, METRICS_LOG, METRICS_JSON, METRICS_CSV, SUMMARY_FILE)
 
@@ -155,6 +158,7 @@ class RunRecorder:
         self.events = _event_writer(self.dir, purge_step=self.first_round)
         self._writes = WriteBehind()
         self._round_in_flight = 0
+        self.ended = False  # the summary says how the run ended; nothing more is written
 
     def record(
         self,
@@ -217,9 +221,12 @@ class RunRecorder:
             self.events.flush()
 
     def finish(self, status: str, reason: str | None = None) -> None:
-        """How the run ended: "completed", "stopped" or "failed", and why. If the last round's
-        files could not be written, the run failed: that is written down (after the reason
-        given, if any) and raised."""
+        """How the run ended: "completed", "stopped", "failed" or "interrupted", and why. If the
+        last round's files could not be written, the run failed: that is written down (after the
+        reason given, if any) and raised. Once the run has ended, later calls change nothing."""
+        if self.ended:
+            return
+        self.ended = True
         write_error: BaseException | None = None
         try:
             self._writes.wait()
@@ -242,6 +249,28 @@ class RunRecorder:
             self.events = None
         if write_error is not None:
             raise write_error
+
+    def interrupt(self, reason: str, timeout: float = INTERRUPT_WAIT_S) -> None:
+        """The process is being stopped in the middle of the run: once the round being written
+        is on disk, the summary says "interrupted" at the last round written, and nothing more
+        is written. For Flower's exit handlers, which run on the main thread wherever the stop
+        found it, before Flower ends the process; a write still going after ``timeout``
+        seconds leaves the summary "running" (``close_abandoned_run`` is for that)."""
+        if self.ended:
+            return
+        try:
+            written = self._writes.wait(timeout)
+        except Exception:  # noqa: BLE001 - the previous round is the last on disk: say so
+            written = True
+        if not written:
+            log(
+                WARNING,
+                "Round %d still being written %g s after the stop; summary.json left running",
+                self._round_in_flight,
+                timeout,
+            )
+            return
+        self.finish("interrupted", reason)
 
     def _write_summary(self, status: str, reason: str | None) -> None:
         summary = {
@@ -304,13 +333,20 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, args=(job,), name="fedtan-results")
         self._thread.start()
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> bool:
+        """False if the job is still running after ``timeout`` seconds."""
         if self._thread is not None:
-            self._thread.join()
+            # A signal handler may find ``start`` between creating the thread and starting it:
+            # that job never runs (the handler ends the process).
+            if self._thread.ident is not None:
+                self._thread.join(timeout)
+                if self._thread.is_alive():
+                    return False
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+        return True
 
     def _run(self, job: Callable[[], None]) -> None:
         try:
@@ -386,14 +422,18 @@ def remove_partial_writes(folder: Path) -> list[Path]:
     return leftovers
 
 
-def close_abandoned_run(folder: Path, status: str, reason: str) -> dict[str, Any] | None:
-    """Say how the run in ``folder`` ended when its ServerApp could not: stopped from outside or
-    killed, its summary still says "running". Only for a caller that knows the ServerApp's
-    processes are gone (nothing else writes the folder any more).
+def close_abandoned_run(
+    folder: Path, status: str, reason: str, replacing: Iterable[str] = ("running",)
+) -> dict[str, Any] | None:
+    """Say how the run in ``folder`` ended when its ServerApp could not: killed, its summary
+    still says "running". Only for a caller that knows the ServerApp's processes are gone
+    (nothing else writes the folder any more).
 
-    Such a summary becomes ``status`` with ``reason``; its rounds completed and final row are
-    the model's, the round a resume continues from (a kill may have cut the summary short of
-    it). Returns the summary as it now stands, or None when ``folder`` holds none.
+    A summary whose status is one of ``replacing`` becomes ``status`` with ``reason`` (a caller
+    that stopped the run itself knows why better than the ServerApp's "interrupted"); its
+    rounds completed and final row are the model's, the round a resume continues from (a kill
+    may have cut the summary short of it). Returns the summary as it now stands, or None when
+    ``folder`` holds none.
     """
     try:
         summary = json.loads((folder / SUMMARY_FILE).read_text())
@@ -401,7 +441,7 @@ def close_abandoned_run(folder: Path, status: str, reason: str) -> dict[str, Any
         return None
     if not isinstance(summary, dict):
         return None
-    if summary.get("status") != "running":
+    if summary.get("status") not in set(replacing):
         return summary
     last = _last_completed_round(folder)
     summary.update(

@@ -10,7 +10,8 @@
   last completed round, which the last line names. In every case nothing the command started
   is left running (its whole process family, followed through ``/proc`` while it runs,
   including the detached local SuperLink and Ray's processes) and the local SuperLink's ports
-  are closed.
+  are closed. On a federation, Ctrl-C stops the run there, and its ServerApp says
+  "interrupted" in its folder itself.
 * A federation with fewer SuperNodes than clients fails after ``min-nodes-timeout``, saying how
   many connected and what to do.
 
@@ -37,6 +38,7 @@ import pytest
 from client.app import app as client_app
 from common.experiment.config import RunConfig
 from common.transports.base import FailureKind, RoundFailure
+from server.app import STOPPED_BY_FLOWER
 from server.checkpoint import read_checkpoint
 from server.cli.progress import Progress
 from server.cli.run import verdict
@@ -332,6 +334,54 @@ def test_a_signal_in_the_middle_of_a_run_stops_every_process_it_started(
     assert (ended["status"], ended["reason"]) == ("interrupted", f"stopped by {name}")
     assert ended["rounds_completed"] == done >= 1
     assert stopped.stdout[-1].startswith(f"fedtan: stopped by {name} after {done} of {rounds} ")
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_run_on_a_federation_stops_it_there_and_its_folder_says_interrupted(tmp_path):
+    """On a federation the command cannot close the folder (it may be on another machine): it
+    stops the run through Flower (``flwr stop``), whose ServerApp writes "interrupted" itself
+    before Flower ends its process. Here the SuperLink runs on this machine, so the folder is
+    readable; in a block of rounds the ServerApp does not wait on the SuperLink at all."""
+    config = tmp_path / "run.toml"
+    config.write_text(SMALL + BLOCKS + "num-rounds = 2000\n")
+    out = tmp_path / "out"
+    env = flower_env(tmp_path / "flwr-home")
+    procs: list[ManagedProcess] = []
+    try:
+        start_local_deployment(
+            3,
+            env=env,
+            log_dir=tmp_path / "logs",
+            cwd=APP_DIR,
+            deadline=Deadline(TIMEOUT_S),
+            procs=procs,
+            federation="here",
+        )
+        stopped = fedtan(
+            "run",
+            config,
+            "--federation",
+            "here",
+            "--out",
+            out,
+            cwd=tmp_path,
+            env=env,
+            signal_when="round 1/",
+        )
+        deadline = Deadline(60)  # Flower's stop reaches the ServerApp with its next heartbeat
+        while json.loads((out / "summary.json").read_text())["status"] == "running":
+            assert deadline.remaining() > 0, "the stopped run's summary still says running"
+            time.sleep(0.2)
+    finally:
+        stop_processes(procs)
+
+    assert stopped.returncode == 128 + signal.SIGINT, "\n".join(stopped.stdout) + stopped.stderr
+    assert_nothing_left(stopped)
+    ended = json.loads((out / "summary.json").read_text())
+    done = read_checkpoint(out)["round"]
+    assert (ended["status"], ended["reason"]) == ("interrupted", STOPPED_BY_FLOWER)
+    assert ended["rounds_completed"] == done >= 1
+    assert ended["final"]["round"] == done
 
 
 class KilledServerAppRun:

@@ -28,6 +28,7 @@ from common.experiment import task
 from common.experiment.config import RunConfig
 from common.protocol import MODEL_RECORD, TRAIN_FEDTAN
 from server import results
+from server.app import STOPPED_BY_FLOWER
 from server.checkpoint import evaluate_run, load_model, load_state_dict, read_checkpoint
 from server.local_run import run_locally
 from server.results import RunFolderError, RunRecorder
@@ -389,6 +390,40 @@ def test_a_rounds_files_are_written_while_the_next_round_runs_one_round_at_a_tim
     assert_consistent(out, settled=True)
 
 
+def test_an_interrupt_waits_for_the_round_being_written_and_then_ends_the_run(
+    tmp_path, monkeypatch
+):
+    """What a ServerApp that Flower stops does in its exit handler (``RunRecorder.interrupt``):
+    the summary says "interrupted" only once the round in flight is on disk (a write still
+    going when the wait runs out leaves it "running": a later write would contradict it), and
+    the exception the stop then raises in the ServerApp changes nothing."""
+    out = tmp_path / "out"
+    recorder = RunRecorder(RunConfig.from_flower({**BASE, "output-dir": str(out)}))
+    real_write, may_write = results.atomic_write, threading.Event()
+
+    def slow_model_write(path, data):
+        if Path(path).name == "model.pt":
+            assert may_write.wait(timeout=10), "the test never let the write finish"
+        real_write(path, data)
+
+    monkeypatch.setattr(results, "atomic_write", slow_model_write)
+    record_round(recorder, 1)
+
+    recorder.interrupt("stopped", timeout=0.2)
+    assert summary(out)["status"] == "running"
+    may_write.set()
+    recorder.interrupt("stopped")
+    ended = summary(out)
+    assert (ended["status"], ended["reason"], ended["rounds_completed"]) == (
+        "interrupted",
+        "stopped",
+        1,
+    )
+    recorder.finish("failed", "SystemExit: 1")  # run_fedtan's handler, as the stop unwinds it
+    assert summary(out) == ended
+    assert_consistent(out, settled=True)
+
+
 def recorder_whose_disk_fills_at_round_2(out: Path, monkeypatch) -> RunRecorder:
     """A recorder into ``out`` whose append of round 2's metrics row fails: a full disk."""
     recorder = RunRecorder(RunConfig.from_flower({**BASE, "output-dir": str(out)}))
@@ -559,3 +594,57 @@ def test_a_kill_at_any_moment_of_writing_leaves_a_consistent_folder(tmp_path):
     RunRecorder(RunConfig.from_flower({**cfg.to_flower(), "resume": True}))
     assert not list(out.rglob("*.partial"))
     assert_consistent(out, settled=True)
+
+
+STOPPED_SERVER_APP = """
+import sys, time
+from flwr.supercore.exit import add_exit_handler, register_signal_handlers
+from flwr.supercore.telemetry import EventType
+from client.app import app as client_app
+from server.local_run import run_locally
+from tests.test_results import BASE
+
+# As flwr-serverapp: Flower's signal handlers, and an exit handler of Flower's own that outlasts
+# its force-exit timer (a stopped run's ServerApp cannot push its output), so the process ends
+# by os._exit before any exception reaches the app.
+register_signal_handlers(EventType.FLWR_SERVERAPP_RUN_LEAVE, "Task stopped by user.",
+                         exit_handlers=[lambda: time.sleep(60)])
+run_locally(client_app, {**BASE, "num-rounds": 10**6, "output-dir": sys.argv[1]})
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_server_app_that_flower_stops_says_interrupted_at_its_last_written_round(tmp_path, sig):
+    out = tmp_path / "out"
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    server_app = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_SERVER_APP, str(out)], cwd=REPO, env=env
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "summary.json").exists() or summary(out)["rounds_completed"] < 2:
+            assert server_app.poll() is None, "the ServerApp died"
+            assert time.monotonic() < deadline, "no round 2 within 120 s"
+            time.sleep(0.05)
+        # What ``flwr stop`` does to a deployed ServerApp: Flower's client sends it SIGINT.
+        server_app.send_signal(sig)
+        server_app.wait(timeout=60)
+    finally:
+        server_app.kill()
+        server_app.wait()
+
+    ended, done = summary(out), read_checkpoint(out)["round"]
+    assert (ended["status"], ended["reason"]) == ("interrupted", STOPPED_BY_FLOWER)
+    assert ended["rounds_completed"] == done >= 2
+    assert ended["final"]["round"] == done
+    assert_consistent(out, settled=True)
+    # ``fedtan run``, which knows who stopped it, may name the signal; nothing else changes.
+    closed = results.close_abandoned_run(
+        out, "interrupted", "stopped by SIGINT", replacing=("running", "interrupted")
+    )
+    assert closed == {**ended, "reason": "stopped by SIGINT"}
+    run(out, resume=True, **{"num-rounds": done + 1})
+    assert summary(out)["status"] == "completed"
+    assert [row["round"] for row in results.read_metrics_log(out / "metrics.jsonl")] == list(
+        range(1, done + 2)
+    )

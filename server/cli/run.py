@@ -203,8 +203,14 @@ def follow(flower: FlowerRun, cfg: RunConfig, out: Path, work: Path, progress: P
         _report_killed(killed)
         # The log runs behind the rounds (Flower uploads and streams it every 0.2 and 0.5 s):
         # the folder says how far the run got.
+        # The ServerApp may have said "interrupted" itself, not knowing by whom: it was us.
         summary = _close_summary(
-            flower, out, _read_summary(out, started), "interrupted", f"stopped by {interrupt}"
+            flower,
+            out,
+            _read_summary(out, started),
+            "interrupted",
+            f"stopped by {interrupt}",
+            replacing=("running", "interrupted"),
         )
         done = summary["rounds_completed"] if summary else progress.rounds_done
         print(
@@ -267,15 +273,21 @@ def verdict(
 
 
 def _close_summary(
-    flower: FlowerRun, out: Path, summary: dict | None, status: str, reason: str
+    flower: FlowerRun,
+    out: Path,
+    summary: dict | None,
+    status: str,
+    reason: str,
+    replacing: tuple[str, ...] = ("running",),
 ) -> dict | None:
     """``summary``, this run's as read once Flower's processes are stopped, closed with
-    ``status`` and ``reason`` if the ServerApp left it "running" and ran here (a Ray
-    simulation). Elsewhere the ServerApp may still be writing: its summary is only read."""
-    if summary is None or summary.get("status") != "running" or flower.flwr_home is None:
+    ``status`` and ``reason`` if the ServerApp left it with a status of ``replacing`` and ran
+    here (a Ray simulation). Elsewhere the ServerApp may still be writing: its summary is only
+    read."""
+    if summary is None or summary.get("status") not in replacing or flower.flwr_home is None:
         return summary
     try:
-        return close_abandoned_run(out, status, reason) or summary
+        return close_abandoned_run(out, status, reason, replacing) or summary
     except Exception as error:  # noqa: BLE001 - the verdict and exit code must come out
         print(f"fedtan: warning: could not close {out / 'summary.json'}: {error}", flush=True)
         return summary
