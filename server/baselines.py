@@ -84,9 +84,10 @@ class GlobalBNStatistics(RoundStrategy):
                 ) from None
             states.append(state)
         averaged, metrics = super().aggregate_train(server_round, replies)
-        global_state = record_to_state(averaged)
-        global_state.update(pooled_statistics(states, self.layers))
-        return state_to_record(global_state), metrics
+        # The pooled entries replace their averages in place: the rest stays as averaged.
+        for key, array in state_to_record(pooled_statistics(states, self.layers)).items():
+            averaged[key] = array
+        return averaged, metrics
 
 
 class Centralized(RoundStrategy):
