@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +150,28 @@ def _superlink_ports(cmdline: str) -> list[int]:
         return []
     found = re.findall(r"--port (\d+)|--control-api-address \S*:(\d+)", cmdline)
     return [int(port) for pair in found for port in pair if port]
+
+
+@contextmanager
+def local_federation(tmp_path: Path, name: str, supernodes: int) -> Iterator[dict[str, str]]:
+    """A SuperLink and ``supernodes`` SuperNodes on 127.0.0.1, as federation ``name`` of the
+    Flower environment it yields (``fedtan run --federation name`` with ``env=``); all of them
+    stopped on the way out."""
+    env = flower_env(tmp_path / "flwr-home")
+    procs: list[ManagedProcess] = []
+    try:
+        start_local_deployment(
+            supernodes,
+            env=env,
+            log_dir=tmp_path / "logs",
+            cwd=APP_DIR,
+            deadline=Deadline(TIMEOUT_S),
+            procs=procs,
+            federation=name,
+        )
+        yield env
+    finally:
+        stop_processes(procs)
 
 
 def assert_nothing_left(done: Finished) -> None:
@@ -345,18 +369,7 @@ def test_ctrl_c_of_a_run_on_a_federation_stops_it_there_and_its_folder_says_inte
     config = tmp_path / "run.toml"
     config.write_text(SMALL + BLOCKS + "num-rounds = 2000\n")
     out = tmp_path / "out"
-    env = flower_env(tmp_path / "flwr-home")
-    procs: list[ManagedProcess] = []
-    try:
-        start_local_deployment(
-            3,
-            env=env,
-            log_dir=tmp_path / "logs",
-            cwd=APP_DIR,
-            deadline=Deadline(TIMEOUT_S),
-            procs=procs,
-            federation="here",
-        )
+    with local_federation(tmp_path, "here", supernodes=3) as env:
         stopped = fedtan(
             "run",
             config,
@@ -372,10 +385,9 @@ def test_ctrl_c_of_a_run_on_a_federation_stops_it_there_and_its_folder_says_inte
         while json.loads((out / "summary.json").read_text())["status"] == "running":
             assert deadline.remaining() > 0, "the stopped run's summary still says running"
             time.sleep(0.2)
-    finally:
-        stop_processes(procs)
 
     assert stopped.returncode == 128 + signal.SIGINT, "\n".join(stopped.stdout) + stopped.stderr
+    assert stopped.stdout[-1].startswith("fedtan: stopped by SIGINT after "), stopped.stdout
     assert_nothing_left(stopped)
     ended = json.loads((out / "summary.json").read_text())
     done = read_checkpoint(out)["round"]
@@ -445,23 +457,10 @@ def test_a_folder_it_cannot_close_is_named_and_the_verdict_still_comes_out(tmp_p
 def test_a_federation_with_too_few_supernodes_fails_after_the_wait_with_a_hint(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(SMALL + "num-rounds = 2\nmin-nodes-timeout = 5.0\n")
-    env = flower_env(tmp_path / "flwr-home")  # its config.toml gets federation "small"
-    procs: list[ManagedProcess] = []
-    try:
-        start_local_deployment(
-            2,
-            env=env,
-            log_dir=tmp_path / "logs",
-            cwd=APP_DIR,
-            deadline=Deadline(TIMEOUT_S),
-            procs=procs,
-            federation="small",
-        )
+    with local_federation(tmp_path, "small", supernodes=2) as env:
         done = fedtan(
             "run", config, "--federation", "small", "--out", tmp_path / "out", cwd=tmp_path, env=env
         )
-    finally:
-        stop_processes(procs)
 
     assert done.returncode == 1, "\n".join(done.stdout) + done.stderr
     assert done.stdout[-1].startswith("fedtan: FAILED: "), done.stdout
