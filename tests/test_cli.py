@@ -42,6 +42,7 @@ from common.experiment.config import RunConfig
 from common.transports.base import FailureKind, RoundFailure
 from server.app import STOPPED_BY_FLOWER
 from server.checkpoint import read_checkpoint
+from server.cli.launch import FlowerRun
 from server.cli.progress import Progress
 from server.cli.run import verdict
 from server.local_run import run_locally
@@ -387,13 +388,30 @@ def test_ctrl_c_of_a_run_on_a_federation_stops_it_there_and_its_folder_says_inte
             time.sleep(0.2)
 
     assert stopped.returncode == 128 + signal.SIGINT, "\n".join(stopped.stdout) + stopped.stderr
-    assert stopped.stdout[-1].startswith("fedtan: stopped by SIGINT after "), stopped.stdout
+    last = stopped.stdout[-1]
+    assert last.startswith("fedtan: stopped by SIGINT after "), stopped.stdout
+    assert re.search(r"; run \d+ stopped on federation 'here'; ", last), last
     assert_nothing_left(stopped)
     ended = json.loads((out / "summary.json").read_text())
     done = read_checkpoint(out)["round"]
     assert (ended["status"], ended["reason"]) == ("interrupted", STOPPED_BY_FLOWER)
     assert ended["rounds_completed"] == done >= 1
     assert ended["final"]["round"] == done
+
+
+def test_ctrl_c_before_a_run_was_submitted_to_a_federation_says_so(tmp_path):
+    flower = FlowerRun(
+        project_dir=APP_DIR,
+        federation="far",
+        run_config=tmp_path / "run.toml",
+        federation_config={},
+        env=flower_env(tmp_path / "flwr-home"),
+        log_dir=tmp_path,  # no log yet: flwr run has printed no run id
+        flwr_home=None,
+    )
+    assert flower.cancel_remote() == "no run was submitted to federation 'far'"
+    flower.log_path.write_text("🎊 Successfully started run 1234\n")
+    assert flower.cancel_remote(timeout=0.01).startswith("`flwr stop 1234 far` ")
 
 
 class KilledServerAppRun:

@@ -212,21 +212,35 @@ class FlowerRun:
             return None
         return runs[0].get("status") if runs else None
 
-    def cancel_remote(self, timeout: float = 30.0) -> None:
-        """Ask a remote SuperLink to stop the run (a local one is stopped with its processes)."""
-        if self.run_id is None or self.flwr_home is not None:
-            return
+    def cancel_remote(self, timeout: float = 30.0) -> str | None:
+        """Ask a remote SuperLink to stop the run (a local one is stopped with its processes);
+        what came of it, in words (None: a local run)."""
+        if self.flwr_home is not None:
+            return None
+        if self.run_id is None:
+            self.lines()  # the line with the run id may have come since the last look
+        if self.run_id is None:
+            return f"no run was submitted to federation {self.federation!r}"
+        command = [*flower_bin("flwr"), "stop", self.run_id, self.federation]
         try:
-            subprocess.run(
-                [*flower_bin("flwr"), "stop", self.run_id, self.federation],
+            done = subprocess.run(
+                command,
                 capture_output=True,
+                text=True,
                 env=self.env,
                 cwd=self.project_dir,
                 timeout=timeout,
                 start_new_session=True,
             )
         except subprocess.TimeoutExpired:
-            pass
+            return f"`flwr stop {self.run_id} {self.federation}` got no answer in {timeout:g} s"
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).strip().splitlines()
+            return (
+                f"`flwr stop {self.run_id} {self.federation}` failed "
+                f"({said[-1] if said else f'exit code {done.returncode}'})"
+            )
+        return f"run {self.run_id} stopped on federation {self.federation!r}"
 
     def stop(self) -> list[str]:
         """Stop every process of the run; lines for the ones that had to be killed."""

@@ -198,7 +198,7 @@ def follow(flower: FlowerRun, cfg: RunConfig, out: Path, work: Path, progress: P
                     killed += flower.stop()
     except Interrupted as interrupt:
         with signals_ignored():
-            flower.cancel_remote()
+            remote = flower.cancel_remote()
             killed += flower.stop()  # again: the signal may have cut the first stop short
         _report_killed(killed)
         # The log runs behind the rounds (Flower uploads and streams it every 0.2 and 0.5 s):
@@ -213,9 +213,10 @@ def follow(flower: FlowerRun, cfg: RunConfig, out: Path, work: Path, progress: P
             replacing=("running", "interrupted"),
         )
         done = summary["rounds_completed"] if summary else progress.rounds_done
+        stopped = remote or "Flower's processes are stopped"
         print(
             f"fedtan: stopped by {interrupt} after {done} of {cfg.num_rounds} "
-            f"rounds; Flower's processes are stopped; results so far in {out}",
+            f"rounds; {stopped}; results so far in {out}",
             flush=True,
         )
         return 128 + interrupt.signum
