@@ -52,7 +52,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -258,11 +258,7 @@ class RunRecorder:
         seconds leaves the summary "running" (``close_abandoned_run`` is for that)."""
         if self.ended:
             return
-        try:
-            written = self._writes.wait(timeout)
-        except Exception:  # noqa: BLE001 - the previous round is the last on disk: say so
-            written = True
-        if not written:
+        if not self._writes.join(timeout):
             log(
                 WARNING,
                 "Round %d still being written %g s after the stop; summary.json left running",
@@ -270,7 +266,7 @@ class RunRecorder:
                 timeout,
             )
             return
-        self.finish("interrupted", reason)
+        self.finish("interrupted", reason)  # a write that failed makes it "failed", and why
 
     def _write_summary(self, status: str, reason: str | None) -> None:
         summary = {
@@ -333,20 +329,22 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, args=(job,), name="fedtan-results")
         self._thread.start()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """False if the job is still running after ``timeout`` seconds."""
-        if self._thread is not None:
-            # A signal handler may find ``start`` between creating the thread and starting it:
-            # that job never runs (the handler ends the process).
-            if self._thread.ident is not None:
-                self._thread.join(timeout)
-                if self._thread.is_alive():
-                    return False
-            self._thread = None
+    def wait(self) -> None:
+        self.join()
+        self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-        return True
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Whether the job in flight, if any, is done within ``timeout`` seconds; an error it
+        raised stays for ``wait``."""
+        # A signal handler may find ``start`` between creating the thread and starting it: that
+        # job never runs (the handler ends the process).
+        if self._thread is None or self._thread.ident is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self, job: Callable[[], None]) -> None:
         try:
@@ -423,7 +421,7 @@ def remove_partial_writes(folder: Path) -> list[Path]:
 
 
 def close_abandoned_run(
-    folder: Path, status: str, reason: str, replacing: Iterable[str] = ("running",)
+    folder: Path, status: str, reason: str, replacing: Collection[str] = ("running",)
 ) -> dict[str, Any] | None:
     """Say how the run in ``folder`` ended when its ServerApp could not: killed, its summary
     still says "running". Only for a caller that knows the ServerApp's processes are gone
@@ -441,7 +439,7 @@ def close_abandoned_run(
         return None
     if not isinstance(summary, dict):
         return None
-    if summary.get("status") not in set(replacing):
+    if summary.get("status") not in replacing:
         return summary
     last = _last_completed_round(folder)
     summary.update(

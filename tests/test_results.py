@@ -453,6 +453,22 @@ def test_a_write_that_fails_is_raised_at_the_next_round_and_the_run_says_it_fail
     assert_consistent(out)
 
 
+def test_an_interrupt_after_a_write_that_failed_says_the_run_failed_and_why(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    recorder = recorder_whose_disk_fills_at_round_2(out, monkeypatch)
+    record_round(recorder, 1)
+    record_round(recorder, 2)  # its write fails in the background
+
+    with pytest.raises(OSError, match="No space left"):
+        recorder.interrupt("stopped")
+
+    ended = summary(out)
+    assert ended["status"] == "failed"
+    assert "round 2" in ended["reason"] and "No space left" in ended["reason"]
+    assert ended["rounds_completed"] == 1
+    assert_consistent(out)
+
+
 @pytest.mark.parametrize("status", ["completed", "failed"])
 def test_a_last_round_whose_write_fails_makes_finish_tell_and_raise_it(
     tmp_path, monkeypatch, status

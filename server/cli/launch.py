@@ -221,10 +221,10 @@ class FlowerRun:
             self.lines()  # the line with the run id may have come since the last look
         if self.run_id is None:
             return f"no run was submitted to federation {self.federation!r}"
-        command = [*flower_bin("flwr"), "stop", self.run_id, self.federation]
+        stop = f"`flwr stop {self.run_id} {self.federation}`"
         try:
             done = subprocess.run(
-                command,
+                [*flower_bin("flwr"), "stop", self.run_id, self.federation],
                 capture_output=True,
                 text=True,
                 env=self.env,
@@ -233,13 +233,10 @@ class FlowerRun:
                 start_new_session=True,
             )
         except subprocess.TimeoutExpired:
-            return f"`flwr stop {self.run_id} {self.federation}` got no answer in {timeout:g} s"
+            return f"{stop} got no answer in {timeout:g} s"
         if done.returncode != 0:
             said = (done.stderr or done.stdout).strip().splitlines()
-            return (
-                f"`flwr stop {self.run_id} {self.federation}` failed "
-                f"({said[-1] if said else f'exit code {done.returncode}'})"
-            )
+            return f"{stop} failed ({said[-1] if said else f'exit code {done.returncode}'})"
         return f"run {self.run_id} stopped on federation {self.federation!r}"
 
     def stop(self) -> list[str]:
