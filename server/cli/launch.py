@@ -26,8 +26,10 @@ from pathlib import Path
 from server.processes import (
     LOOPBACK,
     ManagedProcess,
+    ProcInfo,
     adopt_local_superlinks,
     flower_bin,
+    process_table,
     start_process,
     stop_processes,
 )
@@ -169,9 +171,10 @@ class FlowerRun:
 
     def watch(self) -> None:
         """Note every process started so far (the SuperLink, Ray), while their parents live."""
-        self._adopt_local_superlink()
+        table = process_table()  # one read for all: this runs every 0.3 s beside the run
+        self._adopt_local_superlink(table)
         for proc in self.procs:
-            proc.refresh()
+            proc.refresh(table)
 
     def lines(self) -> list[str]:
         """The complete lines the run logged since the last call."""
@@ -280,10 +283,10 @@ class FlowerRun:
                 )
             time.sleep(0.3)
 
-    def _adopt_local_superlink(self) -> None:
+    def _adopt_local_superlink(self, table: Mapping[int, ProcInfo] | None = None) -> None:
         if self.flwr_home is None:
             return
-        self.procs += adopt_local_superlinks(self.flwr_home, self.procs)
+        self.procs += adopt_local_superlinks(self.flwr_home, self.procs, table)
 
 
 def _healthy(url: str) -> bool:
