@@ -22,6 +22,7 @@ import math
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -44,9 +45,11 @@ from common.transports.grpc.service import BNSyncService, Limits
 from common.transports.grpc.wire import (
     BLOCK_METHOD,
     NEXT,
+    UPLOAD,
     BlockRequest,
     Caller,
     block_request_size,
+    decode_block_request,
     decode_plan,
     decode_state,
     encode_next,
@@ -480,6 +483,47 @@ def test_a_member_that_missed_a_round_while_not_sampled_gets_the_current_one():
     assert decode_plan(block.serve("2", BlockRequest(NEXT, 1, memoryview(b"")))).message == "done"
 
 
+def test_an_upload_is_answered_with_the_next_rounds_plan_once_it_is_published():
+    """A member's upload is also its ask for the next plan: one call a round, not two."""
+    block = Block(1, {"1": "a"}, spec=(), max_examples=1, poll=30.0)
+    block.publish(0, ["1"], {"1": b"plan-0"})
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(block.serve, "1", decode_block_request(_empty_upload(0)))
+        (update,) = block.collect(timeout=30)
+        assert (update.node, update.num_examples) == (1, 1)
+        assert not answer.done()  # held until the next round is published
+        block.publish(1, ["1"], {"1": b"plan-1"})
+        assert answer.result(timeout=30) == b"plan-1"
+
+        answer = pool.submit(block.serve, "1", decode_block_request(_empty_upload(1)))
+        block.collect(timeout=30)
+        block.end("the block's last round is done")
+        assert decode_plan(answer.result(timeout=30)).message == "the block's last round is done"
+
+
+def test_a_member_makes_one_block_call_per_round_it_trains(tmp_path, monkeypatch):
+    """Every call costs the service and the client CPU that the round's training shares: after
+    its first plan, a member sampled every round only uploads (the answer is the next plan)."""
+    kinds: list[int] = []
+    serve = Block.serve
+
+    def counted(self, client_id, request):
+        kinds.append(request.kind)
+        return serve(self, client_id, request)
+
+    monkeypatch.setattr(Block, "serve", counted)
+    run(tmp_path / "out", **{"rounds-per-message": 4})
+
+    members, rounds = BASE["num-clients"], BASE["num-rounds"]
+    assert kinds.count(UPLOAD) == members * rounds
+    # One NEXT per member for its first plan; more only if a plan took a whole poll to come.
+    assert members <= kinds.count(NEXT) < members * rounds
+
+
+def _empty_upload(seq: int) -> bytes:
+    return encode_upload(seq, 1, 0.5, 0, encode_state({}))
+
+
 # --- security: the block's calls go through the service's gate and caps -----------------------
 
 
@@ -535,7 +579,7 @@ def test_block_calls_need_the_blocks_credential_and_fit_the_models_size(tmp_path
     with BNSyncService(timeout=30.0, max_clients=2, limits=limits) as service:
         block, credentials = service.open_block(7, ["1", "2"], spec, max_examples=12)
         plans = {c: encode_plan(0, 1, 0.1, None, credentials[c], encode_state(state)) for c in "12"}
-        block.publish(0, ["1", "2"], plans)
+        block.publish(0, ["1"], plans)
 
         def ask(credential: str, request: bytes) -> tuple[grpc.StatusCode, bytes]:
             with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
@@ -555,9 +599,16 @@ def test_block_calls_need_the_blocks_credential_and_fit_the_models_size(tmp_path
         upload = encode_upload(0, 12, 1.0, 0, encode_state(bigger))
         assert len(upload) > block_request_size(spec)
         assert ask(credentials["1"], upload)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
-        # The same upload at the model's own size is taken (an empty reply).
+        # The same upload at the model's own size is taken, and answered with the next plan.
         fitting = encode_upload(0, 12, 1.0, 0, encode_state(state))
-        assert ask(credentials["1"], fitting) == (grpc.StatusCode.OK, b"")
+        later = {c: encode_plan(1, 2, 0.1, None, credentials[c], encode_state(state)) for c in "12"}
+
+        def next_round() -> None:
+            block.collect(timeout=30)
+            block.publish(1, ["1"], later)
+
+        threading.Thread(target=next_round, daemon=True).start()
+        assert ask(credentials["1"], fitting) == (grpc.StatusCode.OK, later["1"])
 
 
 # --- 4. config ---------------------------------------------------------------------------------

@@ -69,9 +69,10 @@ class BlockProblem(Exception):
 class Block(Members):
     """One block's members, its current round's plan and the uploads of that round.
 
-    The server calls ``publish`` / ``collect`` / ``end`` (one round at a time); members call
-    ``next`` and ``upload``. ``spec``: the model's state entries; ``max_examples``: the most
-    samples a client trains on in a round; ``poll``: the longest a ``next`` call is held.
+    The server calls ``publish`` / ``collect`` / ``end`` (one round at a time); members ask for
+    the next plan (NEXT) and upload their round's result (UPLOAD, answered like a NEXT).
+    ``spec``: the model's state entries; ``max_examples``: the most samples a client trains on
+    in a round; ``poll``: the longest a member's wait for a plan is held.
     """
 
     def __init__(
@@ -141,14 +142,19 @@ class Block(Members):
     # --- the members' side -----------------------------------------------------------------
 
     def serve(self, client_id: str, request: BlockRequest) -> bytes:
-        """An authenticated member's call; ``BlockRefusal`` when it is refused."""
+        """An authenticated member's call; ``BlockRefusal`` when it is refused.
+
+        An UPLOAD is answered like a NEXT after it: the member's next call would ask for the
+        next plan at once, and a call fewer per member and round is CPU that the round's
+        training gets back where the clients and the service share a few cores.
+        """
         if request.kind == NEXT:
             return self._next(client_id, request.seq)
         if request.kind == GIVE_UP:
             self._give_up(client_id, request)
             return b""
         self._upload(client_id, request)
-        return b""
+        return self._next(client_id, request.seq)
 
     def _next(self, client_id: str, seq: int) -> bytes:
         """The plan of the block's current round once it is later than ``seq``; WAIT if none

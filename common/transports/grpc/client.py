@@ -260,15 +260,15 @@ def run_block(block: GrpcBlockChannel, train_round: TrainRound) -> int:
     is sampled for, ``train_round`` over the round's BN channel and the upload of its result.
     Returns the rounds trained. A round that fails here is reported to the service (which ends
     the round for the others at once) and raised."""
-    seq, trained = -1, 0
-    while (plan := block.next_plan(after=seq)) is not None:
-        seq = plan.seq
+    seq, trained, answer = -1, 0, None
+    while (plan := block.next_plan(after=seq, answer=answer)) is not None:
+        seq, answer = plan.seq, None
         if plan.bn_round is None:
             continue  # not sampled: wait for the next round's model
         try:
             with block.bn_channel(plan) as channel:
                 result = train_round(plan, channel)
-            block.upload(seq, result)
+            answer = block.upload(seq, result)
         except Exception as error:
             block.give_up(seq, f"{type(error).__name__}: {error}")
             raise
@@ -328,11 +328,13 @@ class GrpcBlockChannel:
             wait=float(config[BN_SYNC_BLOCK_WAIT]),
         )
 
-    def next_plan(self, after: int) -> Plan | None:
-        """The plan of the round after round ``after`` of the block; None once it has ended."""
+    def next_plan(self, after: int, answer: bytes | None = None) -> Plan | None:
+        """The plan of the round after round ``after`` of the block; None once it has ended.
+        ``answer``: what the service answered to this member's upload of round ``after``."""
         deadline = time.monotonic() + self._wait
         while True:
-            reply = self._request(encode_next(after), "plan")
+            reply = self._request(encode_next(after), "plan") if answer is None else answer
+            answer = None
             try:
                 plan = decode_plan(reply)
             except BNSyncError as error:
@@ -360,9 +362,11 @@ class GrpcBlockChannel:
             connection=self._channel,
         )
 
-    def upload(self, seq: int, result: RoundResult) -> None:
+    def upload(self, seq: int, result: RoundResult) -> bytes:
+        """Upload this member's result of round ``seq``; returns the service's answer, which
+        comes once the next round is published (or the poll is over): for ``next_plan``."""
         state = encode_state(result.state)
-        self._request(
+        return self._request(
             encode_upload(seq, result.num_examples, result.train_loss, result.partition_id, state),
             f"upload of round {seq}",
         )

@@ -263,6 +263,7 @@ def _expect_length(data: bytes, expected: int, what: str) -> None:
 #     UPLOAD   magic BNB1, kind 2, seq, num_examples: int64, train_loss: float64,
 #              partition_id: int64, STATE
 #     GIVE_UP  magic BNB1, kind 3, seq, ERROR frame (why this client stops)
+#     (NEXT and UPLOAD are answered with a PLAN, WAIT or END; GIVE_UP with nothing)
 #     PLAN     magic BNP1, kind 1, seq, server_round: int64, lr: float64, bn_round: int64 (-1:
 #              not sampled), credential: uint16 + ASCII, STATE (the round's global model)
 #     WAIT     magic BNP1, kind 2 (no plan yet: ask again)
