@@ -9,7 +9,9 @@ have sent. Two ways, measured side by side in one run:
 * ``stream``: one bidirectional stream per client and round of 6 exchanges (small_cnn's 2L),
   each exchange a message each way on it;
 * ``aio-call``: a call per exchange, served by gRPC's asyncio server (``grpc.aio``) instead of
-  the thread pool (the clients stay synchronous, as FedTAN's are).
+  the thread pool (the clients stay synchronous, as FedTAN's are);
+* ``uds-call``: a call per exchange over a Unix domain socket instead of TCP on 127.0.0.1 (what
+  a service could offer clients on its own host, as in a Ray simulation).
 
 It prints the wall time per exchange and the CPU time of the server and of the clients per
 message: what a round of many exchanges costs a machine whose cores the clients already fill.
@@ -24,9 +26,11 @@ import asyncio
 import multiprocessing as mp
 import queue
 import resource
+import tempfile
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 
@@ -37,6 +41,7 @@ WAYS = {
     "call": ("threads", "/bench.Floor/Call"),
     "stream": ("threads", "/bench.Floor/Stream"),
     "aio-call": ("aio", "/bench.Floor/Call"),
+    "uds-call": ("uds", "/bench.Floor/Call"),
 }
 
 
@@ -63,7 +68,9 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _server(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
+def _server(clients: int, ports: mp.Queue, control: mp.Queue, socket: str = "") -> None:
+    """The thread-pool server, on 127.0.0.1 or, given ``socket``, on that Unix socket; puts
+    the address clients dial on ``ports``."""
     barrier = _Barrier(clients)
 
     def call(requests, context):
@@ -84,7 +91,11 @@ def _server(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
             "Stream": grpc.stream_stream_rpc_method_handler(stream),
         },
     )
-    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    if socket:
+        server.add_insecure_port(f"unix:{socket}")
+        ports.put(f"unix:{socket}")
+    else:
+        ports.put(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
     server.start()
     while control.get() == "measure":
         before = _cpu_seconds()
@@ -119,7 +130,7 @@ async def _serve_aio(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
         "bench.Floor", {"Call": grpc.stream_unary_rpc_method_handler(call)}
     )
     server.add_generic_rpc_handlers([handler])
-    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    ports.put(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
     await server.start()
     loop = asyncio.get_running_loop()
     while await loop.run_in_executor(None, control.get) == "measure":
@@ -129,8 +140,8 @@ async def _serve_aio(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
     await server.stop(0)
 
 
-def _client(port: int, way: str, exchanges: int, start: mp.Event, out: mp.Queue) -> None:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", [("grpc.use_local_subchannel_pool", 1)])
+def _client(address: str, way: str, exchanges: int, start: mp.Event, out: mp.Queue) -> None:
+    channel = grpc.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1)])
     start.wait()
     wall, cpu = time.perf_counter(), time.process_time()
     _, method = WAYS[way]
@@ -154,14 +165,14 @@ def _client(port: int, way: str, exchanges: int, start: mp.Event, out: mp.Queue)
 
 
 def measure(
-    way: str, port: int, clients: int, exchanges: int, results: mp.Queue, control: mp.Queue
+    way: str, address: str, clients: int, exchanges: int, results: mp.Queue, control: mp.Queue
 ) -> None:
     """One way's row: ``clients`` processes, ``exchanges`` each; the server reports its CPU
     time on ``results``."""
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
     procs = [
-        ctx.Process(target=_client, args=(port, way, exchanges, start, out), daemon=True)
+        ctx.Process(target=_client, args=(address, way, exchanges, start, out), daemon=True)
         for _ in range(clients)
     ]
     for proc in procs:
@@ -192,21 +203,28 @@ def main() -> None:
     if args.exchanges % EXCHANGES_PER_ROUND:
         parser.error(f"--exchanges must be a multiple of {EXCHANGES_PER_ROUND}")
     ctx = mp.get_context("spawn")
-    servers = {}  # kind -> (process, its queue of ports and CPU times, its control queue)
-    for kind, target in (("threads", _server), ("aio", _aio_server)):
+    folder = tempfile.TemporaryDirectory()  # the Unix socket's
+    servers = {}  # kind -> (process, its queue of addresses and CPU times, its control queue)
+    for kind, target, extra in (
+        ("threads", _server, ()),
+        ("aio", _aio_server, ()),
+        ("uds", _server, (str(Path(folder.name) / "floor.sock"),)),
+    ):
         ports, control = ctx.Queue(), ctx.Queue()
-        process = ctx.Process(target=target, args=(args.clients, ports, control), daemon=True)
+        process = ctx.Process(
+            target=target, args=(args.clients, ports, control, *extra), daemon=True
+        )
         process.start()
         servers[kind] = (process, ports, control)
     try:
         print(f"{args.clients} client processes, {args.exchanges} exchanges each way and repeat")
         print(f"{'way':8} {'ms/exch':>8} {'server ms/msg':>12} {'client ms/msg':>12}", end="")
         print(f" {'sum ms/msg':>12}")
-        port = {kind: ports.get() for kind, (_, ports, _) in servers.items()}
+        address = {kind: ports.get() for kind, (_, ports, _) in servers.items()}
         for _ in range(args.repeats):
             for way, (kind, _) in WAYS.items():
                 _, ports, control = servers[kind]
-                measure(way, port[kind], args.clients, args.exchanges, ports, control)
+                measure(way, address[kind], args.clients, args.exchanges, ports, control)
     finally:
         for _, _, control in servers.values():
             control.put("stop")
@@ -214,6 +232,7 @@ def main() -> None:
             process.join(10)
             if process.is_alive():
                 process.kill()
+        folder.cleanup()
 
 
 if __name__ == "__main__":
