@@ -2,7 +2,7 @@
 
 K client processes and one server process on this machine; each exchange is a barrier of the
 K, as a BN all-reduce is: every client sends 600 bytes, and all get 600 bytes back once all
-have sent. Two ways, measured side by side in one run:
+have sent. Four ways, measured side by side in one run:
 
 * ``call``: a call per exchange (the BN sync service's way: a request-streaming handler, one
   message in, one out);
@@ -205,18 +205,18 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     folder = tempfile.TemporaryDirectory()  # the Unix socket's
     servers = {}  # kind -> (process, its queue of addresses and CPU times, its control queue)
-    for kind, target, extra in (
-        ("threads", _server, ()),
-        ("aio", _aio_server, ()),
-        ("uds", _server, (str(Path(folder.name) / "floor.sock"),)),
-    ):
-        ports, control = ctx.Queue(), ctx.Queue()
-        process = ctx.Process(
-            target=target, args=(args.clients, ports, control, *extra), daemon=True
-        )
-        process.start()
-        servers[kind] = (process, ports, control)
     try:
+        for kind, target, extra in (
+            ("threads", _server, ()),
+            ("aio", _aio_server, ()),
+            ("uds", _server, (str(Path(folder.name) / "floor.sock"),)),
+        ):
+            ports, control = ctx.Queue(), ctx.Queue()
+            process = ctx.Process(
+                target=target, args=(args.clients, ports, control, *extra), daemon=True
+            )
+            process.start()
+            servers[kind] = (process, ports, control)
         print(f"{args.clients} client processes, {args.exchanges} exchanges each way and repeat")
         print(f"{'way':8} {'ms/exch':>8} {'server ms/msg':>12} {'client ms/msg':>12}", end="")
         print(f" {'sum ms/msg':>12}")
