@@ -31,6 +31,15 @@ run's metrics.csv like the simulation; and, if grpc is among the transports, the
 exchange of the BN sync channel (scripts/bench_bn_channel.py, client threads on loopback).
 Deployed, every Flower message starts a fresh ClientApp process and waits for Flower's polling:
 about 6 s per exchange, so the messages transport takes minutes per round.
+
+Beside the seconds, every row's CPU per round (the same timed rounds' mean): the run's processes
+read from /proc while it runs (``CpuMeter``), as clients, the ServerApp process (with the BN sync
+service) and Flower's and Ray's own, and the machine's; and the ``floor`` that CPU sets under
+the row's mean ratio: all of it spread over this machine's cores, against the in-process mean.
+The CPU moves with a shared host too (by half between runs here, with the hypervisor's steal),
+but within a run the floor tells how much of a row's time is CPU, which only less work can cut,
+and how much is waiting, which better overlap could: a floor above a target says the target
+needs less CPU. Only the host's CPU is counted, not a GPU's time.
 """
 
 from __future__ import annotations
@@ -43,8 +52,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -59,9 +70,11 @@ from common.fedtan import ClientReplicas  # noqa: E402
 from server.processes import (  # noqa: E402
     Deadline,
     ManagedProcess,
+    adopt_process,
     flower_env,
     free_ports,
     logs,
+    process_table,
     start_flwr_run,
     start_local_deployment,
     stop_processes,
@@ -72,6 +85,16 @@ from server.processes import (  # noqa: E402
 # Deployed, a client's ClientApp is a fresh process per message (a torch import): on a loaded
 # machine it can join the round's BN sync tens of seconds after its peers (tests/test_multihost).
 DEPLOYMENT_BN_SYNC_TIMEOUT = 120.0
+# A run's processes by what their command line names; the rest are Flower's and Ray's own
+# (SuperLink, SuperExec, SuperNodes, flwr, Ray's daemons).
+CPU_GROUPS = {
+    "clients": ("ray::ClientAppActor", "flwr-clientapp"),
+    # The ServerApp with the BN sync service; in simulation also Flower's engine and Ray's driver.
+    "ServerApp": ("flwr-simulation", "flwr-serverapp"),
+}
+CPU_REST = "Flower, Ray"
+CPU_COLUMNS = ("all", *CPU_GROUPS, CPU_REST, "machine", "steal")
+CPU_SAMPLE_S = 0.5
 
 
 def main() -> None:
@@ -163,8 +186,8 @@ def main() -> None:
         parser.error("--gpus-per-client > 0 needs a GPU, and torch sees none")
     run_config["device"] = device.type
     cfg = RunConfig.from_flower(run_config)
-    seconds, mean, peak = in_process_seconds(cfg, device)
-    rows = [(f"in-process engine ({device})", seconds, {"mean": mean})]
+    seconds, mean, cpu, peak = in_process_seconds(cfg, device)
+    rows = [(f"in-process engine ({device})", seconds, {"mean": mean, "cpu": {"all": cpu}})]
     for transport in args.transports:
         seconds, costs = simulation_seconds(
             transport_config(run_config, transport, args.rounds_per_message),
@@ -225,6 +248,7 @@ def main() -> None:
         for name, seconds, _ in rows:
             if name.startswith("Flower deployment, transport="):
                 print(f"{name}: {seconds / floor:.2f}x a deployed FedAvg+BN round")
+    print_cpu(rows, base_mean)
     if peak is not None:
         print(f"peak GPU memory of the in-process engine: {peak / 2**20:.0f} MiB")
     if args.project:
@@ -235,6 +259,23 @@ def main() -> None:
         print_channel_latency(RunConfig.from_flower(run_config), args.clients)
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
+
+
+def print_cpu(rows: list[tuple[str, float, dict]], base_mean: float) -> None:
+    """Each row's mean CPU per round by group, and the floor it sets under the row's mean
+    ratio: all its CPU spread over this machine's cores, against the in-process mean."""
+    cores = len(os.sched_getaffinity(0))
+    print(
+        f"\nCPU per round, ms (mean of the timed rounds; from /proc every {CPU_SAMPLE_S:g} s; "
+        f"{cores} cores). floor: the mean ratio this CPU allows at best, all of it spread over "
+        "the cores"
+    )
+    print(f"{'mode':60}" + "".join(f"{c:>12}" for c in CPU_COLUMNS) + f"{'floor':>8}")
+    for name, _, cost in rows:
+        cpu = cost.get("cpu", {})
+        cells = "".join(f"{1e3 * cpu[c]:12.1f}" if c in cpu else f"{'-':>12}" for c in CPU_COLUMNS)
+        floor = cpu["all"] / cores / base_mean if "all" in cpu else float("nan")
+        print(f"{name:60}{cells}{floor:8.2f}")
 
 
 def transport_config(run_config: dict, transport: str, rounds_per_message: int) -> dict:
@@ -249,30 +290,40 @@ def row_name(transport: str, args: argparse.Namespace) -> str:
     return f"transport={transport}"
 
 
-def in_process_seconds(cfg: RunConfig, device: torch.device) -> tuple[float, float, int | None]:
+def in_process_seconds(
+    cfg: RunConfig, device: torch.device
+) -> tuple[float, float, float, int | None]:
     """Seconds per round of the in-process engine (median and mean, as ``timed_rounds``), its
-    clients on ``device`` like the app's, and its peak CUDA memory in bytes (None on the CPU).
-    A round that run config ``eval-interval`` divides includes the global model's evaluation."""
+    clients on ``device`` like the app's, the mean CPU seconds of its rounds (this process), and
+    its peak CUDA memory in bytes (None on the CPU). A round that run config ``eval-interval``
+    divides includes the global model's evaluation."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = task.build_global_model(cfg).to(device)
     replicas = ClientReplicas(model)  # a run of rounds keeps its client models
-    times = []
+    times, cpu = [], []
     for r in range(1, cfg.num_rounds + 1):
         batches = [
             [(x.to(device), y.to(device)) for x, y in client]
             for client in task.every_client_batches(cfg, cfg.num_clients, r)
         ]
         _synchronize(device)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         model.load_state_dict(task.engine_round(model, cfg, batches, r, replicas))
         if r % cfg.eval_interval == 0:
             task.evaluate(model, cfg, device)
             model.train()
         _synchronize(device)
         times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return statistics.median(times[1:-1]), statistics.mean(times[1:-1]), peak
+    timed = slice(1, -1)
+    return (
+        statistics.median(times[timed]),
+        statistics.mean(times[timed]),
+        statistics.mean(cpu[timed]),
+        peak,
+    )
 
 
 def _synchronize(device: torch.device) -> None:
@@ -300,14 +351,15 @@ def simulation_seconds(
         extra = f"init-args-num-cpus={clients}"
         if gpus_per_client > 0:
             extra += f" client-resources-num-gpus={gpus_per_client} init-args-num-gpus=1"
-        subprocess.run(
-            [str(ROOT / "scripts/run_simulation.sh"), str(config_file), str(clients), extra],
-            env=env,
-            cwd=ROOT,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        return timed_rounds(out / "metrics.csv")
+        with CpuMeter(out / "metrics.jsonl") as meter:
+            subprocess.run(
+                [str(ROOT / "scripts/run_simulation.sh"), str(config_file), str(clients), extra],
+                env=env,
+                cwd=ROOT,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        return timed_rounds(out / "metrics.csv", meter)
 
 
 def deployment_seconds(
@@ -325,39 +377,134 @@ def deployment_seconds(
         run_toml = write_run_config(tmp / "run.toml", {**run_config, "output-dir": str(out)})
         procs: list[ManagedProcess] = []
         try:
-            link, nodes = start_local_deployment(
-                clients, env=env, log_dir=log_dir, cwd=tmp, deadline=deadline, procs=procs
-            )
-            flwr = start_flwr_run("deployment", run_toml, env=env, log_dir=log_dir, app_dir=ROOT)
-            procs.append(flwr)
-            try:
-                code = flwr.popen.wait(timeout=deadline.remaining())
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"not done within {timeout:.0f} s\n" + logs(procs)) from None
-            if code != 0:
-                raise RuntimeError(f"flwr run exited with {code}\n" + logs(procs))
-            summary_file = wait_for_file(
-                out / "summary.json",
-                timeout=deadline.remaining(at_most=60),
-                procs=[link, *nodes],
-            )
+            with CpuMeter(out / "metrics.jsonl") as meter:
+                link, nodes = start_local_deployment(
+                    clients, env=env, log_dir=log_dir, cwd=tmp, deadline=deadline, procs=procs
+                )
+                flwr = start_flwr_run(
+                    "deployment", run_toml, env=env, log_dir=log_dir, app_dir=ROOT
+                )
+                procs.append(flwr)
+                try:
+                    code = flwr.popen.wait(timeout=deadline.remaining())
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError(f"not done within {timeout:.0f} s\n" + logs(procs)) from None
+                if code != 0:
+                    raise RuntimeError(f"flwr run exited with {code}\n" + logs(procs))
+                summary_file = wait_for_file(
+                    out / "summary.json",
+                    timeout=deadline.remaining(at_most=60),
+                    procs=[link, *nodes],
+                )
             summary = json.loads(summary_file.read_text())
             if summary["status"] != "completed":
                 raise RuntimeError(f"run not completed: {summary}\n" + logs(procs))
-            return timed_rounds(out / "metrics.csv")
+            return timed_rounds(out / "metrics.csv", meter)
         finally:
             for line in stop_processes(procs):
                 print(line, file=sys.stderr)
 
 
-def timed_rounds(metrics_csv: Path) -> tuple[float, dict[str, float]]:
-    """Median seconds and costs per round, of the rounds after the first, without the last; and
-    (``mean``) the mean seconds of those rounds."""
+class CpuMeter:
+    """CPU seconds of this process's descendants by group (``CPU_GROUPS``), and of the machine,
+    sampled every ``CPU_SAMPLE_S`` with the rows of a run's metrics log so far: the CPU a round
+    costs is read off between two samples. All of a run's CPU over the cores is a floor under
+    its rounds' wall time.
+
+    A process that exits keeps what it had used at the last sample (at most one interval of its
+    CPU is missed). The meter's own reads count only in the machine's column.
+    """
+
+    def __init__(self, metrics_log: Path) -> None:
+        self._log, self._log_offset, self._rows = metrics_log, 0, 0
+        self._family = adopt_process(os.getpid(), name="benchmark")  # itself excluded
+        self._used: dict[int, tuple[str, float]] = {}  # pid -> (group, its CPU seconds so far)
+        self.samples: list[tuple[int, dict[str, float]]] = []  # (rows logged, CPU seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+
+    def __enter__(self) -> CpuMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def per_round(self, first: int, last: int) -> dict[str, float]:
+        """Mean CPU seconds per round of rounds ``first``..``last`` (from the first sample once
+        round ``first - 1`` was logged to the last before round ``last + 1`` was), by
+        ``CPU_COLUMNS``; empty when fewer than two samples fall there."""
+        inside = [(rows, cpu) for rows, cpu in self.samples if first - 1 <= rows <= last]
+        if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+            return {}
+        (rows0, cpu0), (rows1, cpu1) = inside[0], inside[-1]
+        return {k: (cpu1.get(k, 0.0) - cpu0.get(k, 0.0)) / (rows1 - rows0) for k in CPU_COLUMNS}
+
+    def _run(self) -> None:
+        while not self._stop.wait(CPU_SAMPLE_S):
+            self.samples.append(self._sample())
+
+    def _sample(self) -> tuple[int, dict[str, float]]:
+        table = process_table()
+        for pid in self._family.refresh(table):
+            try:
+                self._used[pid] = (_cpu_group(table[pid].cmdline), _cpu_seconds(f"/proc/{pid}"))
+            except OSError:  # it exited meanwhile: what it used at the last sample stays
+                pass
+        cpu: dict[str, float] = defaultdict(float)
+        for group, used in self._used.values():
+            cpu[group] += used
+        cpu["all"] = sum(cpu.values())
+        cpu["machine"], cpu["steal"] = _machine_cpu_seconds()
+        return self._rows_logged(), cpu
+
+    def _rows_logged(self) -> int:
+        try:
+            with open(self._log, "rb") as f:
+                f.seek(self._log_offset)
+                new = f.read()
+        except FileNotFoundError:
+            return 0
+        # Complete lines only: a row being appended counts once its newline is there.
+        end = new.rfind(b"\n") + 1
+        self._rows += new.count(b"\n", 0, end)
+        self._log_offset += end
+        return self._rows
+
+
+def _cpu_group(cmdline: str) -> str:
+    groups = (group for group, names in CPU_GROUPS.items() if any(n in cmdline for n in names))
+    return next(groups, CPU_REST)
+
+
+def _cpu_seconds(proc: str) -> float:
+    """User and system CPU seconds of a process (all its threads, the exited ones included)."""
+    with open(f"{proc}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the machine has spent busy (every process, the kernel's interrupts) and
+    stolen by its hypervisor, since boot."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:9]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / ticks, steal / ticks
+
+
+def timed_rounds(metrics_csv: Path, meter: CpuMeter) -> tuple[float, dict]:
+    """Median seconds and costs per round, of the rounds after the first, without the last;
+    (``mean``) the mean seconds of those rounds, and (``cpu``) their mean CPU by group."""
     with open(metrics_csv) as f:
-        rows = list(csv.DictReader(f))[1:-1]
+        rows = list(csv.DictReader(f))
+    timed = rows[1:-1]
     keys = ("seconds", "round_trips", "bn_bytes_up", "bn_bytes_down", "model_bytes")
-    cost = {k: statistics.median(float(row[k]) for row in rows) for k in keys}
-    cost["mean"] = statistics.mean(float(row["seconds"]) for row in rows)
+    cost = {k: statistics.median(float(row[k]) for row in timed) for k in keys}
+    cost["mean"] = statistics.mean(float(row["seconds"]) for row in timed)
+    cost["cpu"] = meter.per_round(2, len(rows) - 1)
     return cost.pop("seconds"), cost
 
 
