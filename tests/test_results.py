@@ -8,6 +8,7 @@ the kill test runs a recorder in a subprocess and SIGKILLs it while it writes.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -346,6 +347,67 @@ def test_every_round_is_appended_to_the_log_and_the_views_are_rewritten_ever_les
     # 100 rewrites, then one per 1 % of growth: log(4) / log(1.01) = 140 more, and the end.
     assert 100 < views <= 100 + math.ceil(math.log(rounds / 100) / math.log(1.01)) + 1
     assert_consistent(out, settled=True)
+
+
+def rendered_afresh(rows: list[dict]) -> tuple[bytes, bytes]:
+    """metrics.json and metrics.csv as rendering every row anew writes them."""
+    finite = [
+        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        for row in rows
+    ]
+    text = io.StringIO(newline="")
+    fields = dict.fromkeys([*results.COLUMNS, *(key for row in rows for key in row)])
+    writer = csv.DictWriter(text, fieldnames=list(fields))
+    writer.writeheader()
+    writer.writerows(rows)
+    return json.dumps(finite, indent=2).encode(), text.getvalue().encode()
+
+
+def test_the_views_are_exactly_every_row_rendered_afresh(tmp_path):
+    """The views keep each row's text and join it with the new rows' at a rewrite: the files
+    are byte for byte what rendering every row anew writes, also when a later row brings a new
+    column and when a value is not finite."""
+    views = results.MetricsViews(tmp_path)
+    views.write([])
+    assert (tmp_path / "metrics.json").read_bytes() == b"[]"
+    rows = []
+    for r in range(1, 9):
+        row = {"round": r, "train-loss": 1.0 / r, "seconds": 0.25}
+        if r >= 5:
+            row["accuracy-spread"] = 0.01 * r  # a column no earlier row has
+        if r == 6:
+            row["train-loss"] = float("nan")
+        rows.append(row)
+        if r in (1, 3, 5, 6, 8):  # one row, several at once, the new column, a NaN
+            views.write(rows)
+            expected_json, expected_csv = rendered_afresh(rows)
+            assert (tmp_path / "metrics.json").read_bytes() == expected_json
+            assert (tmp_path / "metrics.csv").read_bytes() == expected_csv
+            assert views.rows == r
+
+
+def test_a_views_rewrite_renders_only_the_rows_that_are_new(tmp_path, monkeypatch):
+    """Each row is rendered once (its CSV line again only when a new column appears), so a run
+    that rewrites its views every round does work linear in its rows, not quadratic."""
+    json_rows, csv_rows = [], []
+    real_json, real_csv = results._json_text, results._csv_lines
+    monkeypatch.setattr(results, "_json_text", lambda v: json_rows.append(v) or real_json(v))
+
+    def counting_csv(fields, rows, *, header):
+        rows = list(rows)
+        csv_rows.extend(rows)
+        return real_csv(fields, rows, header=header)
+
+    monkeypatch.setattr(results, "_csv_lines", counting_csv)
+    views, rows, rounds, new_column_at = results.MetricsViews(tmp_path), [], 300, 200
+    for r in range(1, rounds + 1):
+        rows.append({"round": r, "seconds": 0.1, **({"extra": 1.0} if r >= new_column_at else {})})
+        views.write(rows)
+    assert len(json_rows) == rounds
+    assert len(csv_rows) == rounds + new_column_at - 1  # the rows before it, once more
+    assert [(p.name, p.read_bytes()) for p in sorted(tmp_path.iterdir())] == list(
+        zip(["metrics.csv", "metrics.json"], reversed(rendered_afresh(rows)), strict=True)
+    )
 
 
 def record_round(recorder: RunRecorder, server_round: int) -> None:
