@@ -33,7 +33,9 @@ def test_the_quick_cpu_mode_prints_every_row_the_gpu_check_prints():
     assert "1. versions and TF32 (cpu mode)" in out and "TF32: matmul" in out
     for local_steps in (1, 5):
         assert f"ResNet-20, 2 x 2 generated CIFAR-shaped images, E = {local_steps}, 3 rounds" in out
-    assert out.count("in-process engine (cpu)") == 4  # a row and a projection for each E
+    # For each E: the row, its CPU per round and its projection.
+    assert out.count("in-process engine (cpu)") == 6
+    assert out.count("CPU per round, ms") == 2
     assert out.count("projected wall time of 10000 rounds") == 2
     assert "done in" in out
 
