@@ -2,7 +2,7 @@
 
 K client processes and one server process on this machine; each exchange is a barrier of the
 K, as a BN all-reduce is: every client sends 600 bytes, and all get 600 bytes back once all
-have sent. Four ways, measured side by side in one run:
+have sent. Five ways, measured side by side in one run:
 
 * ``call``: a call per exchange (the BN sync service's way: a request-streaming handler, one
   message in, one out);
@@ -11,7 +11,9 @@ have sent. Four ways, measured side by side in one run:
 * ``aio-call``: a call per exchange, served by gRPC's asyncio server (``grpc.aio``) instead of
   the thread pool (the clients stay synchronous, as FedTAN's are);
 * ``uds-call``: a call per exchange over a Unix domain socket instead of TCP on 127.0.0.1 (what
-  a service could offer clients on its own host, as in a Ray simulation).
+  a service could offer clients on its own host, as in a Ray simulation);
+* ``socket``: no RPC framework at all, the floor under any of them: a TCP connection per
+  client, each message a 4-byte length and its bytes, a server thread per connection.
 
 It prints the wall time per exchange and the CPU time of the server and of the clients per
 message: what a round of many exchanges costs a machine whose cores the clients already fill.
@@ -26,6 +28,7 @@ import asyncio
 import multiprocessing as mp
 import queue
 import resource
+import socket
 import tempfile
 import threading
 import time
@@ -42,6 +45,7 @@ WAYS = {
     "stream": ("threads", "/bench.Floor/Stream"),
     "aio-call": ("aio", "/bench.Floor/Call"),
     "uds-call": ("uds", "/bench.Floor/Call"),
+    "socket": ("socket", ""),
 }
 
 
@@ -68,8 +72,8 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _server(clients: int, ports: mp.Queue, control: mp.Queue, socket: str = "") -> None:
-    """The thread-pool server, on 127.0.0.1 or, given ``socket``, on that Unix socket; puts
+def _server(clients: int, ports: mp.Queue, control: mp.Queue, unix_path: str = "") -> None:
+    """The thread-pool server, on 127.0.0.1 or, given ``unix_path``, on that Unix socket; puts
     the address clients dial on ``ports``."""
     barrier = _Barrier(clients)
 
@@ -91,9 +95,9 @@ def _server(clients: int, ports: mp.Queue, control: mp.Queue, socket: str = "") 
             "Stream": grpc.stream_stream_rpc_method_handler(stream),
         },
     )
-    if socket:
-        server.add_insecure_port(f"unix:{socket}")
-        ports.put(f"unix:{socket}")
+    if unix_path:
+        server.add_insecure_port(f"unix:{unix_path}")
+        ports.put(f"unix:{unix_path}")
     else:
         ports.put(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
     server.start()
@@ -102,6 +106,55 @@ def _server(clients: int, ports: mp.Queue, control: mp.Queue, socket: str = "") 
         control.get()  # "done"
         ports.put(_cpu_seconds() - before)
     server.stop(0)
+
+
+def _socket_server(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
+    """The ``socket`` way's server: a thread per client connection, framed messages."""
+    barrier = _Barrier(clients)
+    listener = socket.create_server(("127.0.0.1", 0))
+    ports.put(f"127.0.0.1:{listener.getsockname()[1]}")
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while _receive(conn) is not None:
+                barrier.wait()
+                _send(conn, PAYLOAD)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the run is over
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    while control.get() == "measure":
+        before = _cpu_seconds()
+        control.get()  # "done"
+        ports.put(_cpu_seconds() - before)
+    listener.close()
+
+
+def _send(conn: socket.socket, data: bytes) -> None:
+    conn.sendall(len(data).to_bytes(4, "big") + data)
+
+
+def _receive(conn: socket.socket) -> bytes | None:
+    """The next message, or None once the other end has closed."""
+    head = _receive_exactly(conn, 4)
+    return None if head is None else _receive_exactly(conn, int.from_bytes(head, "big"))
+
+
+def _receive_exactly(conn: socket.socket, size: int) -> bytes | None:
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
 
 
 def _aio_server(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
@@ -141,6 +194,9 @@ async def _serve_aio(clients: int, ports: mp.Queue, control: mp.Queue) -> None:
 
 
 def _client(address: str, way: str, exchanges: int, start: mp.Event, out: mp.Queue) -> None:
+    if way == "socket":
+        _socket_client(address, exchanges, start, out)
+        return
     channel = grpc.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1)])
     start.wait()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -162,6 +218,19 @@ def _client(address: str, way: str, exchanges: int, start: mp.Event, out: mp.Que
                 pass
     out.put((time.perf_counter() - wall, time.process_time() - cpu))
     channel.close()
+
+
+def _socket_client(address: str, exchanges: int, start: mp.Event, out: mp.Queue) -> None:
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start.wait()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(exchanges):
+            _send(conn, PAYLOAD)
+            if _receive(conn) is None:
+                raise ConnectionError("the socket server closed the connection")
+        out.put((time.perf_counter() - wall, time.process_time() - cpu))
 
 
 def measure(
@@ -210,6 +279,7 @@ def main() -> None:
             ("threads", _server, ()),
             ("aio", _aio_server, ()),
             ("uds", _server, (str(Path(folder.name) / "floor.sock"),)),
+            ("socket", _socket_server, ()),
         ):
             ports, control = ctx.Queue(), ctx.Queue()
             process = ctx.Process(
