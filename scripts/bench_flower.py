@@ -447,11 +447,8 @@ class CpuMeter:
 
     def _sample(self) -> tuple[int, dict[str, float]]:
         table = process_table()
-        for pid in self._family.refresh(table):
-            try:
-                self._used[pid] = (_cpu_group(table[pid].cmdline), _cpu_seconds(f"/proc/{pid}"))
-            except OSError:  # it exited meanwhile: what it used at the last sample stays
-                pass
+        for pid in self._family.refresh(table):  # one that exited keeps its last sample's
+            self._used[pid] = (_cpu_group(table[pid].cmdline), table[pid].cpu_seconds)
         cpu: dict[str, float] = defaultdict(float)
         for group, used in self._used.values():
             cpu[group] += used
@@ -476,13 +473,6 @@ class CpuMeter:
 def _cpu_group(cmdline: str) -> str:
     groups = (group for group, names in CPU_GROUPS.items() if any(n in cmdline for n in names))
     return next(groups, CPU_REST)
-
-
-def _cpu_seconds(proc: str) -> float:
-    """User and system CPU seconds of a process (all its threads, the exited ones included)."""
-    with open(f"{proc}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _machine_cpu_seconds() -> tuple[float, float]:

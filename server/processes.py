@@ -147,6 +147,10 @@ class ProcInfo:
     sid: int
     state: str  # "R", "S", "Z", ...
     cmdline: str
+    cpu_seconds: float  # user and system, all its threads (the exited ones too)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def process_table() -> dict[int, ProcInfo]:
@@ -162,7 +166,10 @@ def process_table() -> dict[int, ProcInfo]:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
         cmdline = raw.replace(b"\0", b" ").decode(errors="replace").strip()
-        table[int(entry)] = ProcInfo(int(entry), int(fields[1]), int(fields[3]), fields[0], cmdline)
+        cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        table[int(entry)] = ProcInfo(
+            int(entry), int(fields[1]), int(fields[3]), fields[0], cmdline, cpu
+        )
     return table
 
 

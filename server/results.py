@@ -311,7 +311,7 @@ class MetricsViews:
 
     Each row is rendered once and its text kept, so that a rewrite joins the rows rendered
     before with the new ones (the CSV's rows again only when a new column appears). Rendered
-    afresh at every rewrite, the views cost about 3 ms of the ServerApp's CPU a round at any
+    afresh at every rewrite, the views cost 2-3 ms of the ServerApp's CPU a round at any
     run length (a rewrite every 1 % of growth costs all the rows), where rounds take tens of
     ms. The files are exactly what ``json.dumps(rows, indent=2)`` and ``csv.DictWriter`` write.
     """
