@@ -28,7 +28,7 @@ import grpc
 
 from common.fedtan.bn_channel import BNSyncError
 from common.transports.averaging import ClientUpdate, all_finite
-from common.transports.grpc.members import Members
+from common.transports.grpc.members import Members, Refusal
 from common.transports.grpc.wire import (
     GIVE_UP,
     NEXT,
@@ -44,14 +44,6 @@ from common.transports.grpc.wire import (
 )
 
 BLOCK_CALLS_PER_MEMBER = 2  # a NEXT or UPLOAD, and the GIVE_UP a client sends when it fails
-
-
-class BlockRefusal(Exception):
-    """A member's block call is answered with a gRPC error status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, bounded(message)
 
 
 @dataclass
@@ -83,7 +75,7 @@ class Block(Members):
         max_examples: int,
         poll: float,
     ) -> None:
-        super().__init__(credentials, BLOCK_CALLS_PER_MEMBER, BlockRefusal)
+        super().__init__(credentials, BLOCK_CALLS_PER_MEMBER)
         self.id = block_id
         self._spec, self._max_examples, self._poll = spec, max_examples, poll
         self._cond = threading.Condition()
@@ -142,7 +134,7 @@ class Block(Members):
     # --- the members' side -----------------------------------------------------------------
 
     def serve(self, client_id: str, request: BlockRequest) -> bytes:
-        """An authenticated member's call; ``BlockRefusal`` when it is refused.
+        """An authenticated member's call; ``Refusal`` when it is refused.
 
         An UPLOAD is answered like a NEXT after it: the member's next call would ask for the
         next plan at once, and a call fewer per member and round is CPU that the round's
@@ -186,7 +178,7 @@ class Block(Members):
     def _upload(self, client_id: str, request: BlockRequest) -> None:
         with self._cond:
             if self._ended is not None:
-                raise BlockRefusal(grpc.StatusCode.FAILED_PRECONDITION, f"block {self.id} ended")
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"block {self.id} ended")
             if request.seq != self._seq or client_id not in self._sampled:
                 self._refuse(
                     client_id,
@@ -203,7 +195,7 @@ class Block(Members):
                 self._refuse(client_id, str(error))
         with self._cond:
             if self._ended is not None or request.seq != self._seq:
-                raise BlockRefusal(grpc.StatusCode.FAILED_PRECONDITION, "the round is over")
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "the round is over")
             self._updates[client_id] = update
             self._cond.notify_all()
 
@@ -227,4 +219,4 @@ class Block(Members):
         self._problems.setdefault(client_id, bounded(problem))
         self._bad_state = True
         self._cond.notify_all()
-        raise BlockRefusal(grpc.StatusCode.INVALID_ARGUMENT, message)
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, message)

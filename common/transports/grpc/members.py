@@ -5,27 +5,30 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import grpc
 
+from common.transports.grpc.wire import bounded
+
+
+class Refusal(Exception):
+    """A call is answered with an error status instead of a value (gRPC's status codes, which
+    the socket protocol carries too)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        message = bounded(message)
+        super().__init__(message)
+        self.code, self.message = code, message
+
 
 class Members:
-    """The members of a service round or a block: one credential each, and a few call slots.
+    """The members of a service round or a block: one credential each, and a few call slots."""
 
-    ``refusal(code, message)`` is the exception a call over its slots raises (its status).
-    """
-
-    def __init__(
-        self,
-        credentials: Mapping[str, str],
-        calls_per_member: int,
-        refusal: Callable[[grpc.StatusCode, str], Exception],
-    ) -> None:
+    def __init__(self, credentials: Mapping[str, str], calls_per_member: int) -> None:
         self._credentials = {c: cred.encode() for c, cred in credentials.items()}
         self._calls_per_member = calls_per_member
-        self._refusal = refusal
         self._slots = threading.Lock()
         self._calls: Counter[str] = Counter()  # calls in flight per member
 
@@ -45,7 +48,7 @@ class Members:
         """Hold one of a member's few call slots while its call runs (more are refused)."""
         with self._slots:
             if self._calls[client_id] >= self._calls_per_member:
-                raise self._refusal(
+                raise Refusal(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"client {client_id!r} has {self._calls_per_member} calls in flight already",
                 )

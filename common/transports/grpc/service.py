@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from enum import Enum
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -48,8 +48,8 @@ from torch import Tensor
 
 from common.fedtan.bn_channel import BNSyncError, GradSums, Moments
 from common.protocol import BACKWARD, FORWARD, PHASES
-from common.transports.grpc.block import BLOCK_CALLS_PER_MEMBER, Block, BlockRefusal
-from common.transports.grpc.members import Members
+from common.transports.grpc.block import BLOCK_CALLS_PER_MEMBER, Block
+from common.transports.grpc.members import Members, Refusal
 from common.transports.grpc.wire import (
     BLOCK_METHOD,
     REDUCE_METHOD,
@@ -74,6 +74,14 @@ _CLOSED_ROUNDS_KEPT = 1024
 _INT64_MAX = (1 << 63) - 1
 
 log = logging.getLogger(__name__)
+
+# What carries a call (gRPC, or the socket protocol) hands the service two functions: one reads
+# the call's request (None: it carried none), one registers what to do if the caller goes away
+# while its call waits (False: it is gone already). ``admit`` returns the call's ``Answer``.
+Read = Callable[[], bytes | None]
+Watch = Callable[[Callable[[], None]], bool]
+Answer = Callable[[Read, Watch], bytes]
+M = TypeVar("M", bound=Members)
 
 
 class AbortKind(Enum):
@@ -173,14 +181,6 @@ class RoundAbort:
         return self.message
 
 
-class _Refusal(Exception):
-    """A request is answered with a gRPC error status instead of a value."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
 class _Round(Members):
     """The exchanges of one round: a reusable all-reduce among a fixed set of clients.
 
@@ -196,7 +196,7 @@ class _Round(Members):
         timeout: float,
         schedule: RoundSchedule | None = None,
     ) -> None:
-        super().__init__(credentials, _CALLS_PER_MEMBER, _Refusal)
+        super().__init__(credentials, _CALLS_PER_MEMBER)
         self.id = round_id
         self._order = list(credentials)
         self._timeout = timeout
@@ -226,7 +226,7 @@ class _Round(Members):
         others, return the combined value."""
         with self._cond:
             if self.failure is not None:
-                raise _Refusal(grpc.StatusCode.ABORTED, self._aborted())
+                raise Refusal(grpc.StatusCode.ABORTED, self._aborted())
             if req.phase == "abort":
                 reason = _reason(req.payload)
                 self._fail(
@@ -242,7 +242,7 @@ class _Round(Members):
             if len(self._parts) == len(self._order):
                 self._complete()
                 if self.failure is not None:
-                    raise _Refusal(grpc.StatusCode.ABORTED, self._aborted())
+                    raise Refusal(grpc.StatusCode.ABORTED, self._aborted())
                 return self._reply
             # A client that disconnects (or hits its deadline) while parked here can never
             # take its result: stop the round now rather than after the timeout.
@@ -266,7 +266,7 @@ class _Round(Members):
                     break
                 self._cond.wait(remaining)
             if self.failure is not None:
-                raise _Refusal(grpc.StatusCode.ABORTED, self._aborted())
+                raise Refusal(grpc.StatusCode.ABORTED, self._aborted())
             return self._reply
 
     def close(self) -> None:
@@ -460,13 +460,13 @@ class _Round(Members):
         culprit: str | None = None,
     ) -> NoReturn:
         self._abort(message, kind, () if culprit is None else (culprit,))
-        raise _Refusal(code, message)
+        raise Refusal(code, message)
 
     def blame(self, client_id: str, message: str) -> NoReturn:
         """Refuse a member's unreadable request and abort the round, naming it."""
         with self._cond:
             if self.failure is not None:
-                raise _Refusal(grpc.StatusCode.ABORTED, self._aborted())
+                raise Refusal(grpc.StatusCode.ABORTED, self._aborted())
             self._blame(client_id, grpc.StatusCode.INVALID_ARGUMENT, message)
 
     def _blame(self, client_id: str, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -718,53 +718,67 @@ class BNSyncService:
         if block is not None:
             block.end("the block was closed")
 
-    def admit_block(self, caller: Caller | None) -> Block:
-        """The open block ``caller`` is a member of, from call metadata alone; or ``_Refusal``."""
+    def admit(self, method: str, caller: Caller | None) -> Answer:
+        """Admit a call from its method and caller alone, before anything of its request is
+        read: the function that answers it; ``Refusal`` for an outsider or an unknown method."""
+        if method == REDUCE_METHOD:
+            rnd = self._member_of(self._rounds, "round", caller)
+            return lambda read, watch: self._serve_round(rnd, caller.client_id, read, watch)
+        if method == BLOCK_METHOD:
+            block = self._member_of(self._blocks, "block", caller)
+            return lambda read, watch: self._serve_block(block, caller.client_id, read)
+        raise Refusal(grpc.StatusCode.UNIMPLEMENTED, f"no method {method!r} on the BN sync service")
+
+    def _member_of(self, open_now: Mapping[int, M], what: str, caller: Caller | None) -> M:
+        """The open round or block ``caller`` names, if its credential is right."""
         if caller is None:
-            raise _Refusal(
+            raise Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "a block call must name its block, client and credential in its metadata",
+                f"a BN sync call must name its {what}, client and credential in its metadata",
             )
         with self._lock:
-            block = self._blocks.get(caller.round_id)
-        if block is None:
-            raise _Refusal(
+            members = open_now.get(caller.round_id)
+        if members is None:
+            where = " on this BN sync service (unknown, closed, or the service was restarted)"
+            raise Refusal(
                 grpc.StatusCode.NOT_FOUND,
-                bounded(f"client {caller.client_id!r}: block {caller.round_id} is not open"),
+                f"client {caller.client_id!r}: {what} {caller.round_id} is not open"
+                + (where if what == "round" else ""),
             )
-        if not block.authenticate(caller.client_id, caller.credential):
-            raise _Refusal(
+        if not members.authenticate(caller.client_id, caller.credential):
+            raise Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
-                bounded(
-                    f"client {caller.client_id!r} is not admitted to block {caller.round_id}: "
-                    "unknown client or wrong credential"
-                ),
+                f"client {caller.client_id!r} is not admitted to {what} {caller.round_id}: "
+                "unknown client or wrong credential",
             )
-        return block
+        return members
 
-    def serve_block(
-        self,
-        block: Block,
-        client_id: str,
-        requests: Iterator[bytes],
-        context: grpc.ServicerContext,
-    ) -> bytes:
+    def _serve_round(self, rnd: _Round, client_id: str, read: Read, watch: Watch) -> bytes:
+        """An admitted member's call: read its one request, contribute, answer."""
+        with rnd.call(client_id):
+            body = read()
+            if body is None:
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+            try:
+                req = decode_request(body)
+            except BNSyncError as error:
+                rnd.blame(client_id, f"client {client_id!r}: malformed request: {error}")
+            return rnd.reduce(client_id, req, watch)
+
+    def _serve_block(self, block: Block, client_id: str, read: Read) -> bytes:
         """An admitted block member's call: read its one request, answer it."""
-        try:
-            with block.call(client_id):
-                body = next(requests, None)
-                if body is None:
-                    raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
-                try:
-                    request = decode_block_request(body)
-                except BNSyncError as error:
-                    raise _Refusal(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        bounded(f"client {client_id!r}: malformed block request: {error}"),
-                    ) from None
-                return block.serve(client_id, request)
-        except (_Refusal, BlockRefusal) as refusal:
-            context.abort(refusal.code, refusal.message)
+        with block.call(client_id):
+            body = read()
+            if body is None:
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+            try:
+                request = decode_block_request(body)
+            except BNSyncError as error:
+                raise Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"client {client_id!r}: malformed block request: {error}",
+                ) from None
+            return block.serve(client_id, request)
 
     def round_failure(self, round_id: int) -> RoundAbort | None:
         """Why the round was aborted, None if it was not; for open and recently closed rounds."""
@@ -780,62 +794,14 @@ class BNSyncService:
         while len(self._closed) > _CLOSED_ROUNDS_KEPT:
             self._closed.popitem(last=False)
 
-    def admit(self, caller: Caller | None) -> _Round:
-        """The open round ``caller`` is a member of, from call metadata alone; or ``_Refusal``."""
-        if caller is None:
-            raise _Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "a BN sync call must name its round, client and credential in its metadata",
-            )
-        with self._lock:
-            rnd = self._rounds.get(caller.round_id)
-        if rnd is None:
-            raise _Refusal(
-                grpc.StatusCode.NOT_FOUND,
-                bounded(
-                    f"client {caller.client_id!r}: round {caller.round_id} is not open on this "
-                    "BN sync service (unknown, closed, or the service was restarted)"
-                ),
-            )
-        if not rnd.authenticate(caller.client_id, caller.credential):
-            raise _Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
-                bounded(
-                    f"client {caller.client_id!r} is not admitted to round {caller.round_id}: "
-                    "unknown client or wrong credential"
-                ),
-            )
-        return rnd
-
-    def serve(
-        self,
-        rnd: _Round,
-        client_id: str,
-        requests: Iterator[bytes],
-        context: grpc.ServicerContext,
-    ) -> bytes:
-        """An admitted member's call: read its one request, contribute, answer."""
-        try:
-            with rnd.call(client_id):
-                body = next(requests, None)
-                if body is None:
-                    raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
-                try:
-                    req = decode_request(body)
-                except BNSyncError as error:
-                    rnd.blame(client_id, f"client {client_id!r}: malformed request: {error}")
-                return rnd.reduce(client_id, req, context.add_callback)
-        except _Refusal as refusal:
-            context.abort(refusal.code, refusal.message)
-
 
 class _Gate(grpc.ServerInterceptor):
     """Authenticates a call from its metadata, on gRPC's own thread, before anything is read.
 
     Refused calls get a handler that answers at once without reading the body, so a call that
-    sends headers and never a body holds no worker; admitted calls read their body in
-    ``BNSyncService.serve``. Both are request-streaming handlers for that reason: a unary
-    handler would wait for the body in a worker thread before any of our code runs.
+    sends headers and never a body holds no worker; admitted calls read their body in the
+    service's answer. Both are request-streaming handlers for that reason: a unary handler
+    would wait for the body in a worker thread before any of our code runs.
     """
 
     def __init__(self, service: BNSyncService) -> None:
@@ -846,23 +812,28 @@ class _Gate(grpc.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        if details.method == REDUCE_METHOD:
-            admit, serve = self._service.admit, self._service.serve
-        elif details.method == BLOCK_METHOD:
-            admit, serve = self._service.admit_block, self._service.serve_block
-        else:
+        if details.method not in (REDUCE_METHOD, BLOCK_METHOD):
             return None  # gRPC answers UNIMPLEMENTED
-        caller = Caller.from_metadata(details.invocation_metadata)
         try:
-            member_of = admit(caller)
-        except _Refusal as refusal:
+            answer = self._service.admit(
+                details.method, Caller.from_metadata(details.invocation_metadata)
+            )
+        except Refusal as refusal:
             return grpc.stream_unary_rpc_method_handler(_refuse(refusal))
-        return grpc.stream_unary_rpc_method_handler(
-            lambda requests, context: serve(member_of, caller.client_id, requests, context)
-        )
+        return grpc.stream_unary_rpc_method_handler(_grpc_call(answer))
 
 
-def _refuse(refusal: _Refusal) -> Callable[[Iterator[bytes], grpc.ServicerContext], bytes]:
+def _grpc_call(answer: Answer) -> Callable[[Iterator[bytes], grpc.ServicerContext], bytes]:
+    def call(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        try:
+            return answer(lambda: next(requests, None), context.add_callback)
+        except Refusal as refusal:
+            context.abort(refusal.code, refusal.message)
+
+    return call
+
+
+def _refuse(refusal: Refusal) -> Callable[[Iterator[bytes], grpc.ServicerContext], bytes]:
     def answer(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         context.abort(refusal.code, refusal.message)
 
