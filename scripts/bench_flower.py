@@ -118,6 +118,14 @@ def main() -> None:
         help="run config rounds-per-message of the grpc rows (R > 1: blocks of R rounds)",
     )
     parser.add_argument(
+        "--bn-sync-protocols",
+        nargs="+",
+        default=["grpc"],
+        choices=["grpc", "socket"],
+        help="run config bn-sync-protocol of the grpc rows: one row each (what carries the BN "
+        "sync service's calls: gRPC, or framed messages on a socket)",
+    )
+    parser.add_argument(
         "--eval-interval",
         type=int,
         default=None,
@@ -188,13 +196,18 @@ def main() -> None:
     cfg = RunConfig.from_flower(run_config)
     seconds, mean, cpu, peak = in_process_seconds(cfg, device)
     rows = [(f"in-process engine ({device})", seconds, {"mean": mean, "cpu": {"all": cpu}})]
-    for transport in args.transports:
+    variants = [
+        (t, protocol)
+        for t in args.transports
+        for protocol in (args.bn_sync_protocols if t == "grpc" else ["grpc"])
+    ]
+    for transport, protocol in variants:
         seconds, costs = simulation_seconds(
-            transport_config(run_config, transport, args.rounds_per_message),
+            transport_config(run_config, transport, args.rounds_per_message, protocol),
             args.clients,
             args.gpus_per_client,
         )
-        rows.append((f"Flower simulation, {row_name(transport, args)}", seconds, costs))
+        rows.append((f"Flower simulation, {row_name(transport, protocol, args)}", seconds, costs))
     failed = []
     if args.deployment:
         # FedAvg + BN on the same config: a deployed round with no BN sync at all, the floor a
@@ -204,10 +217,10 @@ def main() -> None:
             deployed.append(("Flower deployment, fedavg-bn", {**run_config, "method": "fedavg-bn"}))
         deployed += [
             (
-                f"Flower deployment, {row_name(t, args)}",
-                transport_config(run_config, t, args.rounds_per_message),
+                f"Flower deployment, {row_name(t, protocol, args)}",
+                transport_config(run_config, t, args.rounds_per_message, protocol),
             )
-            for t in args.transports
+            for t, protocol in variants
         ]
         for name, config in deployed:
             if config["method"] == "fedtan" and config["transport"] == "grpc":
@@ -278,16 +291,25 @@ def print_cpu(rows: list[tuple[str, float, dict]], base_mean: float) -> None:
         print(f"{name:60}{cells}{floor:8.2f}")
 
 
-def transport_config(run_config: dict, transport: str, rounds_per_message: int) -> dict:
-    """``run_config`` with ``transport``; blocks of rounds for grpc (the only one that has them)."""
+def transport_config(
+    run_config: dict, transport: str, rounds_per_message: int, protocol: str = "grpc"
+) -> dict:
+    """``run_config`` with ``transport``; blocks of rounds and the BN sync protocol for grpc
+    (the only transport that has them)."""
     blocks = rounds_per_message if transport == "grpc" else 1
-    return {**run_config, "transport": transport, "rounds-per-message": blocks}
+    return {
+        **run_config,
+        "transport": transport,
+        "rounds-per-message": blocks,
+        "bn-sync-protocol": protocol,
+    }
 
 
-def row_name(transport: str, args: argparse.Namespace) -> str:
+def row_name(transport: str, protocol: str, args: argparse.Namespace) -> str:
+    name = f"transport={transport}"
     if transport == "grpc" and args.rounds_per_message > 1:
-        return f"transport=grpc, rounds-per-message={args.rounds_per_message}"
-    return f"transport={transport}"
+        name += f", rounds-per-message={args.rounds_per_message}"
+    return name + (", socket" if protocol == "socket" else "")
 
 
 def in_process_seconds(

@@ -263,9 +263,13 @@ def test_a_wrong_config_fails_at_start_naming_the_key(override, message):
 # --- transport = "grpc": one Flower message per client and round, the sync over the service --
 
 
-@pytest.mark.parametrize("transport", ["grpc", "inprocess"])
-def test_a_transport_beside_flower_gives_the_in_process_engine_model(tmp_path, transport):
-    overrides = {"transport": transport, "local-steps": 2}
+@pytest.mark.parametrize(
+    ("transport", "protocol"), [("grpc", "grpc"), ("grpc", "socket"), ("inprocess", "grpc")]
+)
+def test_a_transport_beside_flower_gives_the_in_process_engine_model(
+    tmp_path, transport, protocol
+):
+    overrides = {"transport": transport, "local-steps": 2, "bn-sync-protocol": protocol}
     result, grid = run(tmp_path, **overrides)
     cfg = RunConfig.from_flower({**BASE, **overrides})
     assert_is_the_in_process_model(result.arrays.to_torch_state_dict(), cfg)
@@ -279,13 +283,15 @@ def test_a_transport_beside_flower_gives_the_in_process_engine_model(tmp_path, t
     assert not OPEN_HUBS  # no in-process hub left open once the run is over
 
 
-def test_the_grpc_transport_uses_tls_when_configured(tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "socket"])
+def test_the_grpc_transport_uses_tls_when_configured(tmp_path, protocol):
     from tests.certs import make_certs
 
     certs = tmp_path / "certs"
     make_certs(certs)
     overrides = {
         "transport": "grpc",
+        "bn-sync-protocol": protocol,
         "num-rounds": 1,
         "bn-sync-certfile": str(certs / "server.pem"),
         "bn-sync-keyfile": str(certs / "server.key"),
@@ -299,8 +305,9 @@ def test_the_grpc_transport_uses_tls_when_configured(tmp_path):
     assert "BEGIN CERTIFICATE" in sent_root
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "socket"])
 def test_a_client_killed_mid_round_over_grpc_is_named_and_the_round_retried(
-    tmp_path, caplog, monkeypatch
+    tmp_path, caplog, monkeypatch, protocol
 ):
     from common.transports.grpc.client import GrpcBNChannel
 
@@ -313,7 +320,8 @@ def test_a_client_killed_mid_round_over_grpc_is_named_and_the_round_retried(
 
     monkeypatch.setattr(GrpcBNChannel, "reduce_grad_sums", killed_in_backward)
     vanished = {1001: vanish_at_train_reply(1)}  # and its reply never comes
-    result, _ = run(tmp_path, faults=vanished, **{"transport": "grpc", "bn-sync-timeout": 5.0})
+    overrides = {"transport": "grpc", "bn-sync-timeout": 5.0, "bn-sync-protocol": protocol}
+    result, _ = run(tmp_path, faults=vanished, **overrides)
     failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     assert any("1001" in f for f in failures), failures
     assert sorted(result.train_metrics_clientapp) == [1, 2]

@@ -1,7 +1,9 @@
-"""The gRPC BN sync channel: the in-process engine's numbers, and loud, quick failures.
+"""The BN sync service: the in-process engine's numbers, and loud, quick failures.
 
-Every service listens on 127.0.0.1 only and is stopped by the ``services`` fixture; every client
-thread is joined with a deadline, so a hang fails the test instead of stalling the run.
+Every test runs over both carriers of the service's calls (``protocol``: gRPC, and framed
+messages on a socket): they must behave the same. Every service listens on 127.0.0.1 only and
+is stopped by the ``services`` fixture; every client thread is joined with a deadline, so a hang
+fails the test instead of stalling the run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from common.fedtan import synced_round, train_client
 from common.fedtan.aggregation import average_states
 from common.fedtan.bn_channel import BNChannel, BNSyncError, GradSums, Moments, combine_moments
 from common.fedtan.bn_sync import convert_federated_batchnorm
+from common.transports.grpc.calls import CallFailed, connect
 from common.transports.grpc.client import GrpcBNChannel
 from common.transports.grpc.service import AbortKind, BNSyncService
 from common.transports.grpc.wire import (
@@ -44,13 +47,20 @@ FAST = 8.0  # ... and the bound on how long that may take, generous for loaded C
 # --- fixtures and helpers ---------------------------------------------------------------------
 
 
+@pytest.fixture(params=["grpc", "socket"])
+def protocol(request: pytest.FixtureRequest) -> str:
+    """What carries the calls."""
+    return request.param
+
+
 @pytest.fixture
-def services() -> Iterator[Callable[..., BNSyncService]]:
+def services(protocol: str) -> Iterator[Callable[..., BNSyncService]]:
     """Factory of started services; all are stopped at the end of the test."""
     started: list[BNSyncService] = []
 
     def make(timeout: float = PATIENT, **kwargs) -> BNSyncService:
-        service = BNSyncService("127.0.0.1", kwargs.pop("port", 0), timeout=timeout, **kwargs)
+        port = kwargs.pop("port", 0)
+        service = BNSyncService("127.0.0.1", port, timeout=timeout, protocol=protocol, **kwargs)
         started.append(service)
         service.start()
         return service
@@ -61,7 +71,7 @@ def services() -> Iterator[Callable[..., BNSyncService]]:
 
 
 @pytest.fixture
-def channels() -> Iterator[Callable[..., GrpcBNChannel]]:
+def channels(protocol: str) -> Iterator[Callable[..., GrpcBNChannel]]:
     """Factory of client channels; all are closed at the end of the test."""
     made: list[GrpcBNChannel] = []
 
@@ -71,6 +81,7 @@ def channels() -> Iterator[Callable[..., GrpcBNChannel]]:
             round_id=round_id,
             client_id=client_id,
             credential=credential,
+            protocol=protocol,
             **kw,
         )
         made.append(channel)
@@ -134,11 +145,19 @@ def raw_call(
 ) -> tuple[grpc.StatusCode, str]:
     """Send bytes as they are, as ``caller``; returns the error status (these requests must all
     be refused)."""
-    metadata = caller.metadata() if caller else None
-    with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            channel.unary_unary(REDUCE_METHOD)(request, timeout=5.0, metadata=metadata)
-    return info.value.code(), info.value.details()
+    connection = connect(service.protocol, f"127.0.0.1:{service.port}")
+    try:
+        with pytest.raises(CallFailed) as info:
+            if caller is None and service.protocol == "grpc":  # no metadata at all
+                with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+                    try:
+                        channel.unary_unary(REDUCE_METHOD)(request, timeout=5.0)
+                    except grpc.RpcError as error:
+                        raise CallFailed(error.code(), error.details()) from None
+            connection.call(REDUCE_METHOD, caller or Caller(0, "", ""), request, 5.0)
+    finally:
+        connection.close()
+    return info.value.code, info.value.details
 
 
 def small_model() -> nn.Module:

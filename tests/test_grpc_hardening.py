@@ -26,6 +26,7 @@ from common.fedtan.bn_channel import BNSyncError, GradSums, Moments
 from common.protocol import (
     BN_SYNC_ADDRESS,
     BN_SYNC_CREDENTIAL,
+    BN_SYNC_PROTOCOL,
     BN_SYNC_ROOT_CERTIFICATES,
     BN_SYNC_ROUND,
     BN_SYNC_TIMEOUT,
@@ -63,6 +64,13 @@ from tests.test_grpc_bn_sync import (
 
 # The started services and client channels of the plain tests, stopped and closed the same way.
 services, channels = plain.services, plain.channels
+
+
+@pytest.fixture
+def protocol() -> str:
+    """gRPC unless a test names both: what the service checks in a call is the same whichever
+    carrier brings it; the socket carrier's own attacks are in test_socket_hardening.py."""
+    return "grpc"
 
 LAYERS = ("bn1", "bn2")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -555,6 +563,7 @@ def test_a_public_bind_is_accepted_with_tls_or_an_explicitly_trusted_network(
     assert any(security in r.getMessage() for r in caplog.records), caplog.text
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "socket"])
 def test_a_tls_client_of_a_plaintext_service_is_told_of_the_handshake(services, channels):
     service = services()
     credentials = service.open_round(1, ["c0"])
@@ -564,8 +573,9 @@ def test_a_tls_client_of_a_plaintext_service_is_told_of_the_handshake(services, 
         channel.reduce_moments("bn1", moments(0))
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "socket"])
 def test_mutual_tls_admits_only_clients_with_a_certificate_of_its_ca(
-    services, channels, tmp_path
+    services, channels, tmp_path, protocol
 ) -> None:
     server = make_certs(tmp_path / "server")
     clients = make_client_certs(names=["c0"])
@@ -586,7 +596,8 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_of_its_ca(
         )
         with pytest.raises(BNSyncError, match="handshake|unreachable"):
             channel.reduce_moments("bn1", moments(0))
-    # A SuperNode names its certificate in its node config; the train message names the rest.
+    # A SuperNode names its certificate in its node config; the train message names the rest,
+    # the protocol included.
     (tmp_path / "client.pem").write_bytes(good[0])
     (tmp_path / "client.key").write_bytes(good[1])
     node_config = {
@@ -595,6 +606,7 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_of_its_ca(
     }
     train_config = {
         BN_SYNC_ADDRESS: f"127.0.0.1:{service.port}",
+        BN_SYNC_PROTOCOL: protocol,
         BN_SYNC_ROUND: 1,
         BN_SYNC_CREDENTIAL: credentials["c0"],
         BN_SYNC_ROOT_CERTIFICATES: server.ca_cert.decode(),

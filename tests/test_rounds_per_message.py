@@ -41,6 +41,7 @@ from common.protocol import (
     TRAIN_FEDTAN_BLOCK,
 )
 from common.transports.grpc.block import Block
+from common.transports.grpc.calls import CallFailed, connect
 from common.transports.grpc.service import BNSyncService, Limits
 from common.transports.grpc.wire import (
     BLOCK_METHOD,
@@ -114,12 +115,18 @@ def message_types(grid) -> list[str]:
 # --- 1. the same model ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("local_steps", [1, 5])
-@pytest.mark.parametrize("clients_per_round", [0, 2])
+@pytest.mark.parametrize(
+    ("local_steps", "clients_per_round", "protocol"),
+    [(1, 0, "grpc"), (1, 2, "grpc"), (5, 0, "grpc"), (5, 2, "grpc"), (5, 2, "socket")],
+)
 def test_a_block_of_rounds_gives_exactly_the_model_of_a_message_per_round(
-    tmp_path, local_steps, clients_per_round
+    tmp_path, local_steps, clients_per_round, protocol
 ):
-    config = {"local-steps": local_steps, "clients-per-round": clients_per_round}
+    config = {
+        "local-steps": local_steps,
+        "clients-per-round": clients_per_round,
+        "bn-sync-protocol": protocol,
+    }
     per_round, _ = run(tmp_path / "r1", **config)
     blocks, grid = run(tmp_path / "r3", **config, **{"rounds-per-message": 3})
 
@@ -395,16 +402,24 @@ def fail_at(monkeypatch, *, node: int, nth: int, fault=None, around=None) -> Non
 
 
 @pytest.mark.parametrize(
-    ("fault", "around", "timeouts"),
+    ("fault", "around", "timeouts", "protocol"),
     [
-        (raise_error, None, {}),
-        (go_silent, None, SILENT_TIMEOUTS),
-        (None, silent_in_the_sync, SILENT_TIMEOUTS),
+        (raise_error, None, {}, "grpc"),
+        (go_silent, None, SILENT_TIMEOUTS, "grpc"),
+        (None, silent_in_the_sync, SILENT_TIMEOUTS, "grpc"),
+        (raise_error, None, {}, "socket"),
+        (None, silent_in_the_sync, SILENT_TIMEOUTS, "socket"),
     ],
-    ids=["raises", "silent-after-the-sync", "silent-in-the-sync"],
+    ids=[
+        "raises",
+        "silent-after-the-sync",
+        "silent-in-the-sync",
+        "raises-socket",
+        "silent-in-the-sync-socket",
+    ],
 )
 def test_a_client_that_fails_inside_a_block_fails_the_round_which_is_retried_without_it(
-    tmp_path, monkeypatch, caplog, fault, around, timeouts
+    tmp_path, monkeypatch, caplog, fault, around, timeouts, protocol
 ):
     """Round 2 fails in the middle of a block; the retry starts from round 1's model without the
     culprit, exactly as with a message per round."""
@@ -413,7 +428,9 @@ def test_a_client_that_fails_inside_a_block_fails_the_round_which_is_retried_wit
     per_round, _ = run(tmp_path / "r1", **timeouts)
     fail_at(monkeypatch, node=1001, nth=2, fault=fault, around=around)
     caplog.clear()
-    blocks, _ = run(tmp_path / "r3", **timeouts, **{"rounds-per-message": 3})
+    blocks, _ = run(
+        tmp_path / "r3", **timeouts, **{"rounds-per-message": 3, "bn-sync-protocol": protocol}
+    )
 
     retries = [r.getMessage() for r in caplog.records if "Retrying without" in r.getMessage()]
     assert retries == ["Retrying without nodes [1001]"]
@@ -457,9 +474,12 @@ def test_a_round_the_server_rejects_after_the_average_is_retried_in_a_new_block(
     ],
     ids=["other-keys", "wrong-shape", "nan"],
 )
-def test_a_bad_state_is_refused_naming_its_client(tmp_path, monkeypatch, caplog, fault, named):
+@pytest.mark.parametrize("protocol", ["grpc", "socket"])
+def test_a_bad_state_is_refused_naming_its_client(
+    tmp_path, monkeypatch, caplog, fault, named, protocol
+):
     fail_at(monkeypatch, node=1002, nth=2, fault=fault)
-    result, _ = run(tmp_path / "out", **{"rounds-per-message": 3})
+    result, _ = run(tmp_path / "out", **{"rounds-per-message": 3, "bn-sync-protocol": protocol})
 
     failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     assert any("Round 2 (attempt 1) failed" in f and "client 1002" in f for f in failures)
@@ -527,12 +547,14 @@ def _empty_upload(seq: int) -> bytes:
 # --- security: the block's calls go through the service's gate and caps -----------------------
 
 
-def test_a_block_runs_over_tls_when_configured(tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "socket"])
+def test_a_block_runs_over_tls_when_configured(tmp_path, protocol):
     from tests.certs import make_certs
 
     certs = tmp_path / "certs"
     make_certs(certs)
     tls = {
+        "bn-sync-protocol": protocol,
         "bn-sync-certfile": str(certs / "server.pem"),
         "bn-sync-keyfile": str(certs / "server.key"),
         "bn-sync-ca-certfile": str(certs / "ca.pem"),
@@ -568,7 +590,8 @@ def test_a_state_frame_is_exact_or_refused():
         decode_state(frame + b"\0")
 
 
-def test_block_calls_need_the_blocks_credential_and_fit_the_models_size(tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "socket"])
+def test_block_calls_need_the_blocks_credential_and_fit_the_models_size(tmp_path, protocol):
     cfg = RunConfig.from_flower(BASE)
     state = task.build_global_model(cfg).state_dict()
     spec = state_spec(state)
@@ -576,20 +599,20 @@ def test_block_calls_need_the_blocks_credential_and_fit_the_models_size(tmp_path
     # The service's timeout is also its connections' age: a call that outlives it is cut off
     # (UNAVAILABLE), and gRPC refuses an oversized request only after 0.1-1 s. 30 s keeps that
     # race out of a test about credentials and sizes.
-    with BNSyncService(timeout=30.0, max_clients=2, limits=limits) as service:
+    with BNSyncService(timeout=30.0, max_clients=2, limits=limits, protocol=protocol) as service:
         block, credentials = service.open_block(7, ["1", "2"], spec, max_examples=12)
         plans = {c: encode_plan(0, 1, 0.1, None, credentials[c], encode_state(state)) for c in "12"}
         block.publish(0, ["1"], plans)
 
         def ask(credential: str, request: bytes) -> tuple[grpc.StatusCode, bytes]:
-            with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-                call = channel.unary_unary(BLOCK_METHOD, _registered_method=True)
-                metadata = Caller(7, "1", credential).metadata()
-                try:
-                    reply = call(request, timeout=30, metadata=metadata)
-                except grpc.RpcError as error:
-                    return error.code(), b""
-                return grpc.StatusCode.OK, reply
+            connection = connect(protocol, f"127.0.0.1:{service.port}")
+            try:
+                reply = connection.call(BLOCK_METHOD, Caller(7, "1", credential), request, 30)
+            except CallFailed as error:
+                return error.code, b""
+            finally:
+                connection.close()
+            return grpc.StatusCode.OK, reply
 
         assert ask("not-the-credential", encode_next(-1))[0] == grpc.StatusCode.UNAUTHENTICATED
         assert ask(credentials["2"], encode_next(-1))[0] == grpc.StatusCode.UNAUTHENTICATED

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common import transports
 from common.experiment import data, device, methods, models, partition
+from common.protocol import BN_SYNC_PROTOCOLS
 
 # Each key's choices, from the module that defines them.
 CHOICES = {
@@ -25,6 +26,7 @@ CHOICES = {
     "norm": models.NORMS,
     "on-failure": ("retry", "stop"),  # RoundStrategy's on_failure
     "precision": tuple(device.PRECISIONS),
+    "bn-sync-protocol": BN_SYNC_PROTOCOLS,
 }
 
 
@@ -66,6 +68,9 @@ class RunConfig:
     bn_sync_certfile: str = ""
     bn_sync_keyfile: str = ""
     bn_sync_ca_certfile: str = ""
+    # What carries the service's calls: "grpc", or "socket" (framed messages on TCP, TLS the
+    # same; about a tenth of gRPC Python's CPU per call, for clients sharing a few cores).
+    bn_sync_protocol: str = "grpc"
     # seconds the server waits for num-clients SuperNodes to connect before the run fails
     min_nodes_timeout: float = 120.0
     # transport = "grpc": plaintext beyond loopback only if the network is trusted; mutual TLS

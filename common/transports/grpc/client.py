@@ -2,9 +2,10 @@
 
 A ``GrpcBNChannel`` lives for one round: the ServerApp's train message carries the service
 address, the round id and this client's credential; the ClientApp opens the channel, runs its
-synchronized step through it and closes it. One gRPC channel, hence one HTTP/2 connection, serves
-all 2L exchanges of the round. The step is sequential, so there is one call in flight at a time,
-numbered by ``seq`` so that the service can refuse duplicates and out-of-step calls.
+synchronized step through it and closes it. One connection (``calls.py``: a gRPC channel, or a
+framed socket with ``bn-sync-protocol = "socket"``) serves all 2L exchanges of the round. The
+step is sequential, so there is one call in flight at a time, numbered by ``seq`` so that the
+service can refuse duplicates and out-of-step calls.
 
     with GrpcBNChannel(address, round_id=r, client_id=c, credential=cred) as channel:
         train_client(model, batches, loss_fn, lr=lr, channel=channel)
@@ -36,11 +37,13 @@ from common.protocol import (
     BN_SYNC_BLOCK,
     BN_SYNC_BLOCK_WAIT,
     BN_SYNC_CREDENTIAL,
+    BN_SYNC_PROTOCOL,
     BN_SYNC_ROOT_CERTIFICATES,
     BN_SYNC_ROUND,
     BN_SYNC_TIMEOUT,
     FORWARD,
 )
+from common.transports.grpc.calls import CallFailed, Connection, connect
 from common.transports.grpc.wire import (
     BLOCK_METHOD,
     REDUCE_METHOD,
@@ -88,12 +91,13 @@ class GrpcBNChannel(BNChannel):
         root_certificates: bytes | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
         timeout: float = 60.0,
-        connection: grpc.Channel | None = None,
+        protocol: str = "grpc",
+        connection: Connection | None = None,
     ) -> None:
         if client_certificate is not None and root_certificates is None:
             raise ValueError("a client certificate needs TLS (root_certificates)")
         self.address, self.round_id, self.client_id = address, round_id, client_id
-        self._metadata = Caller(round_id, client_id, credential).metadata()
+        self._caller = Caller(round_id, client_id, credential)
         self._tls = root_certificates is not None
         self._timeout = timeout
         # The gRPC deadline has some grace: with equal timeouts on both ends, the service, which
@@ -103,10 +107,10 @@ class GrpcBNChannel(BNChannel):
         self._closed = False
         self._refused = False  # the service has answered with an error: it knows already
         # ``connection``: a block's (GrpcBlockChannel), which outlives this round's channel.
-        self._owns_channel = connection is None
-        self._channel = connection or _connect(address, root_certificates, client_certificate)
-        # Bytes in, bytes out; registered as generated stubs do (a faster call path).
-        self._reduce = self._channel.unary_unary(REDUCE_METHOD, _registered_method=True)
+        self._owns_connection = connection is None
+        self._connection = connection or connect(
+            protocol, address, root_certificates, client_certificate
+        )
 
     @classmethod
     def from_train_config(
@@ -129,6 +133,7 @@ class GrpcBNChannel(BNChannel):
             root_certificates=root.encode() if root else None,
             client_certificate=_client_certificate(node_config or {}),
             timeout=float(config[BN_SYNC_TIMEOUT]),
+            protocol=str(config.get(BN_SYNC_PROTOCOL, "grpc")),
         )
 
     def reduce_moments(self, layer: str, local: Moments) -> Moments:
@@ -143,17 +148,17 @@ class GrpcBNChannel(BNChannel):
             return
         request = self._request("abort", "", ErrorReply(reason), seq=self._seq)
         try:
-            self._reduce(
-                request, timeout=min(self._timeout, _ABORT_TIMEOUT), metadata=self._metadata
+            self._connection.call(
+                REDUCE_METHOD, self._caller, request, min(self._timeout, _ABORT_TIMEOUT)
             )
-        except grpc.RpcError:
+        except CallFailed:
             pass  # the expected answer is an error status: the round is now aborted
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._owns_channel:
-                self._channel.close()
+            if self._owns_connection:
+                self._connection.close()
 
     def __enter__(self) -> GrpcBNChannel:
         return self
@@ -176,8 +181,8 @@ class GrpcBNChannel(BNChannel):
         request = self._request(phase, layer, local, seq=self._seq)
         self._seq += 1
         try:
-            reply = self._reduce(request, timeout=self._deadline, metadata=self._metadata)
-        except grpc.RpcError as error:
+            reply = self._connection.call(REDUCE_METHOD, self._caller, request, self._deadline)
+        except CallFailed as error:
             self._refused = True
             raise BNSyncError(self._explain(error, phase, layer)) from None
         try:
@@ -204,9 +209,8 @@ class GrpcBNChannel(BNChannel):
     def _request(self, phase: str, layer: str, value: object, *, seq: int) -> bytes:
         return encode_request(ReduceRequest(phase, layer, seq, encode(value)))
 
-    def _explain(self, error: grpc.RpcError, phase: str, layer: str) -> str:
-        code = error.code() if isinstance(error, grpc.Call) else None
-        details = error.details() if isinstance(error, grpc.Call) else str(error)
+    def _explain(self, error: CallFailed, phase: str, layer: str) -> str:
+        code, details = error.code, error.details
         where = f"client {self.client_id!r}, {phase} of layer {layer!r}"
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return f"{where}: no answer from the BN sync service within {self._deadline:g} s"
@@ -220,23 +224,7 @@ class GrpcBNChannel(BNChannel):
                     f"certificate this client does not trust?): {details}"
                 )
             return bounded(f"{where}: BN sync service at {self.address} unreachable: {details}")
-        name = code.name if code is not None else "error"
-        return bounded(f"{where}: BN sync service refused ({name}): {details}")
-
-
-def _connect(
-    address: str, root_certificates: bytes | None, client_certificate: tuple[bytes, bytes] | None
-) -> grpc.Channel:
-    # A connection of its own, as a client in a process of its own has: clients of one
-    # process (tests, benchmarks) must not share the service's per-connection stream cap.
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    if root_certificates is None:
-        return grpc.insecure_channel(address, options)
-    chain, key = client_certificate or (None, None)
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=root_certificates, private_key=key, certificate_chain=chain
-    )
-    return grpc.secure_channel(address, creds, options)
+        return bounded(f"{where}: BN sync service refused ({code.name}): {details}")
 
 
 # --- blocks of rounds (run config rounds-per-message > 1; block.py) ---------------------------
@@ -296,15 +284,15 @@ class GrpcBlockChannel:
         client_certificate: tuple[bytes, bytes] | None = None,
         timeout: float = 60.0,
         wait: float = 600.0,
+        protocol: str = "grpc",
     ) -> None:
         if client_certificate is not None and root_certificates is None:
             raise ValueError("a client certificate needs TLS (root_certificates)")
         self.address, self.block_id, self.client_id = address, block_id, client_id
         self._root, self._timeout, self._wait = root_certificates, timeout, wait
-        self._metadata = Caller(block_id, client_id, credential).metadata()
+        self._caller = Caller(block_id, client_id, credential)
         self._deadline = timeout + min(5.0, timeout / 2)
-        self._channel = _connect(address, root_certificates, client_certificate)
-        self._call = self._channel.unary_unary(BLOCK_METHOD, _registered_method=True)
+        self._connection = connect(protocol, address, root_certificates, client_certificate)
         self.end_reason = ""  # why the block ended, once it has
 
     @classmethod
@@ -326,6 +314,7 @@ class GrpcBlockChannel:
             client_certificate=_client_certificate(node_config or {}),
             timeout=float(config[BN_SYNC_TIMEOUT]),
             wait=float(config[BN_SYNC_BLOCK_WAIT]),
+            protocol=str(config.get(BN_SYNC_PROTOCOL, "grpc")),
         )
 
     def next_plan(self, after: int, answer: bytes | None = None) -> Plan | None:
@@ -359,7 +348,7 @@ class GrpcBlockChannel:
             credential=plan.credential,
             root_certificates=self._root,
             timeout=self._timeout,
-            connection=self._channel,
+            connection=self._connection,
         )
 
     def upload(self, seq: int, result: RoundResult) -> bytes:
@@ -374,30 +363,28 @@ class GrpcBlockChannel:
     def give_up(self, seq: int, reason: str) -> None:
         """Tell the service this client fails round ``seq`` (best effort)."""
         try:
-            self._call(
+            self._connection.call(
+                BLOCK_METHOD,
+                self._caller,
                 encode_give_up(seq, reason),
-                timeout=min(self._timeout, _ABORT_TIMEOUT),
-                metadata=self._metadata,
+                min(self._timeout, _ABORT_TIMEOUT),
             )
-        except grpc.RpcError:
+        except CallFailed:
             pass  # the service may know already (it refused this client's upload)
 
     def _request(self, request: bytes, what: str) -> bytes:
         try:
-            return self._call(request, timeout=self._deadline, metadata=self._metadata)
-        except grpc.RpcError as error:
-            code = error.code() if isinstance(error, grpc.Call) else None
-            details = error.details() if isinstance(error, grpc.Call) else str(error)
-            name = code.name if code is not None else "error"
+            return self._connection.call(BLOCK_METHOD, self._caller, request, self._deadline)
+        except CallFailed as error:
             raise BNSyncError(
                 bounded(
                     f"client {self.client_id!r}, block {self.block_id}, {what}: the BN sync "
-                    f"service at {self.address} answered {name}: {details}"
+                    f"service at {self.address} answered {error.code.name}: {error.details}"
                 )
             ) from None
 
     def close(self) -> None:
-        self._channel.close()
+        self._connection.close()
 
     def __enter__(self) -> GrpcBlockChannel:
         return self

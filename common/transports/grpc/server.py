@@ -47,6 +47,7 @@ from common.protocol import (
     BN_SYNC_BLOCK,
     BN_SYNC_BLOCK_WAIT,
     BN_SYNC_CREDENTIAL,
+    BN_SYNC_PROTOCOL,
     BN_SYNC_ROOT_CERTIFICATES,
     BN_SYNC_ROUND,
     BN_SYNC_TIMEOUT,
@@ -138,6 +139,7 @@ class GrpcTransport(Transport):
             timeout=cfg.bn_sync_timeout,
             max_clients=max_clients,
             limits=limits,
+            protocol=cfg.bn_sync_protocol,
         )
         port = self.service.start()
         self.address = cfg.bn_sync_address or _dial_address(cfg.bn_sync_host, port)
@@ -145,9 +147,10 @@ class GrpcTransport(Transport):
         self.attempts_per_round = max_retries + 1
         log(
             INFO,
-            "BN sync service listening on %s:%d with %s; clients dial %s",
+            "BN sync service listening on %s:%d (%s) with %s; clients dial %s",
             cfg.bn_sync_host,
             port,
+            cfg.bn_sync_protocol,
             self.service.security,
             self.address,
         )
@@ -229,6 +232,7 @@ class GrpcRound(RoundSync):
                             {
                                 **plan.config,
                                 BN_SYNC_ADDRESS: transport.address,
+                                BN_SYNC_PROTOCOL: transport.service.protocol,
                                 BN_SYNC_ROUND: self.round_id,
                                 BN_SYNC_CREDENTIAL: self.credentials[str(node)],
                                 BN_SYNC_ROOT_CERTIFICATES: transport.root_certificates,
@@ -290,6 +294,7 @@ class GrpcBlock:
                             {
                                 **plan.config,
                                 BN_SYNC_ADDRESS: transport.address,
+                                BN_SYNC_PROTOCOL: transport.service.protocol,
                                 BN_SYNC_BLOCK: block_id,
                                 BN_SYNC_CREDENTIAL: credentials[str(node)],
                                 BN_SYNC_ROOT_CERTIFICATES: transport.root_certificates,

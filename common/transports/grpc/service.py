@@ -1,4 +1,5 @@
-"""The server's end of the low-latency BN synchronization channel: a small gRPC service.
+"""The server's end of the low-latency BN synchronization channel: a small gRPC service (or the
+same service over framed sockets, run config ``bn-sync-protocol = "socket"``: sockets.py).
 
 Why a service of its own: a FedTAN round needs 2L sequential all-reduces (38 for ResNet-20), and
 one Flower message exchange costs about 0.1 s in simulation and 6 s in deployment (shared doc,
@@ -7,10 +8,11 @@ train, sends each client the address and its credential in the train message, an
 round when the replies are in. Each client's ``GrpcBNChannel`` meets the others' here.
 
 One method, ``/fedtan.BNSync/Reduce``; bytes in and out (``wire.py``), no codegen. A call names
-its caller in its metadata; the service checks the credential from the headers alone, before it
-reads a body or lends the call a worker thread, so an outsider's calls (header-only streams
-included) are refused at once and cost nothing. Connections, streams per connection, concurrent
-calls, idle time, handshakes and message sizes are all capped (``Limits``).
+its caller in its metadata (over sockets: its frame's head); the service checks the credential
+from that alone (``admit``), before it reads a body or lends the call a worker thread, so an
+outsider's calls (header-only streams included) are refused at once and cost nothing.
+Connections, streams per connection, concurrent calls, idle time, handshakes and message sizes
+are all capped (``Limits``).
 A call blocks until every client of the round has contributed to the same exchange (sequence
 number, phase, layer), then all get the same combined value, computed by ``combine_moments`` /
 ``combine_grad_sums`` over the clients in the order given to ``open_round``, so the numbers are
@@ -49,7 +51,9 @@ from torch import Tensor
 from common.fedtan.bn_channel import BNSyncError, GradSums, Moments
 from common.protocol import BACKWARD, FORWARD, PHASES
 from common.transports.grpc.block import BLOCK_CALLS_PER_MEMBER, Block
+from common.transports.grpc.calls import PROTOCOLS
 from common.transports.grpc.members import Members, Refusal
+from common.transports.grpc.sockets import SocketServer
 from common.transports.grpc.wire import (
     BLOCK_METHOD,
     REDUCE_METHOD,
@@ -154,7 +158,9 @@ class RoundSchedule:
 
 @dataclass(frozen=True)
 class Limits:
-    """What the service lets a peer hold (gRPC channel arguments; see ``BNSyncService``)."""
+    """What the service lets a peer hold (gRPC channel arguments, or the socket server's own
+    bounds; see ``BNSyncService``). Over sockets a connection carries one call at a time, and
+    the handshake timeout bounds a connection until a call of it is admitted."""
 
     idle_timeout: float = 30.0  # s a connection without a call stays open
     handshake_timeout: float = 10.0  # s to finish the TCP/TLS/HTTP2 handshake
@@ -500,6 +506,8 @@ class BNSyncService:
     ``tls``: (certificate chain, private key) in PEM; clients then need the root certificate.
     ``client_ca``: PEM; with TLS, clients must also present a certificate this CA signed.
     ``limits``: what a peer may hold (connections, streams, idle time, message sizes).
+    ``protocol``: what carries the calls: "grpc", or "socket" (framed messages on TCP, at about
+    a tenth of gRPC Python's CPU per call: sockets.py); the service is the same either way.
     """
 
     def __init__(
@@ -512,13 +520,17 @@ class BNSyncService:
         timeout: float = 60.0,
         max_clients: int = 64,
         limits: Limits | None = None,
+        protocol: str = "grpc",
     ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
         if timeout <= 0 or max_clients < 1:
             raise ValueError(f"need timeout > 0 and max_clients >= 1, got {timeout}, {max_clients}")
         if client_ca is not None and tls is None:
             raise ValueError("client certificates (client_ca) need TLS (tls)")
         bracket = ":" in host and not host.startswith("[")  # an IPv6 literal
         self._address = f"[{host}]:{port}" if bracket else f"{host}:{port}"
+        self._host, self._bind_port, self.protocol = host.strip("[]"), port, protocol
         self._tls, self._client_ca = tls, client_ca
         self._timeout, self._max_clients = timeout, max_clients
         self.limits = limits or Limits()
@@ -526,7 +538,7 @@ class BNSyncService:
         self._rounds: dict[int, _Round] = {}
         self._closed: OrderedDict[int, RoundAbort | None] = OrderedDict()
         self._blocks: dict[int, Block] = {}
-        self._server: grpc.Server | None = None
+        self._server: grpc.Server | SocketServer | None = None
         self._pool: futures.ThreadPoolExecutor | None = None
         self._port: int | None = None
 
@@ -539,6 +551,8 @@ class BNSyncService:
         """Bind and serve; returns the bound port (useful with ``port=0``)."""
         if self._server is not None:
             raise RuntimeError("BNSyncService already started")
+        if self.protocol == "socket":
+            return self._start_sockets()
         calls = _CALLS_PER_MEMBER + (BLOCK_CALLS_PER_MEMBER if self.limits.max_block_request else 0)
         workers = self._max_clients * calls + _SPARE_WORKERS
         self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="bn-sync")
@@ -569,6 +583,26 @@ class BNSyncService:
         self._server, self._port = server, port
         log.info("BN sync service listening on port %d (%s)", port, self.security)
         return port
+
+    def _start_sockets(self) -> int:
+        limits = self.limits
+        try:
+            server = SocketServer(
+                self,
+                self._host,
+                self._bind_port,
+                limits=limits,
+                timeout=self._timeout,
+                max_request=max(request_size(limits.max_channels), limits.max_block_request),
+                tls=self._tls,
+                client_ca=self._client_ca,
+            )
+        except OSError as error:
+            raise RuntimeError(f"BN sync service cannot bind {self._address}: {error}") from None
+        server.start()
+        self._server, self._port = server, server.port
+        log.info("BN sync service listening on port %d (sockets, %s)", server.port, self.security)
+        return server.port
 
     @property
     def security(self) -> str:
@@ -618,7 +652,9 @@ class BNSyncService:
                 rnd.abort("the BN sync service was stopped")
                 self._remember(rnd)
             server, pool, self._server, self._pool = self._server, self._pool, None, None
-        if server is not None:
+        if isinstance(server, SocketServer):
+            server.stop(grace)
+        elif server is not None:
             server.stop(grace).wait()
         if pool is not None:
             pool.shutdown(wait=True)  # handlers return promptly: their rounds are aborted
