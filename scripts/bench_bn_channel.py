@@ -1,14 +1,15 @@
-"""Benchmark of the gRPC BN sync channel on loopback (not a test).
+"""Benchmark of the BN sync channel on loopback (not a test), over each carrier of its calls
+(``--protocols``: gRPC, and framed messages on a socket).
 
 1. Round-trip latency of one exchange: K clients all-reduce Moments of ``--channels`` floats per
    vector, ``--exchanges`` times in a row; per-call median and p95 in ms (target: < 5 ms), and
    the exchange rate; the in-process hub for reference. Clients are threads of this process,
    and with ``--processes`` also separate processes, as in a deployment.
 2. One synchronized FedTAN step of a small CNN (``--bn-layers`` BN layers, so 2x that many
-   exchanges) by K client threads: over gRPC vs over the InProcessHub, and a plain local step
-   without synchronization for reference; median of ``--repeats``, and the ratios.
+   exchanges) by K client threads: over the service vs over the InProcessHub, and a plain local
+   step without synchronization for reference; median of ``--repeats``, and the ratios.
 
-    python scripts/bench_bn_channel.py [--clients 5] [--tls] [--processes]
+    python scripts/bench_bn_channel.py [--clients 5] [--tls] [--processes] [--protocols grpc]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -35,6 +37,8 @@ from common.fedtan.bn_sync import convert_federated_batchnorm  # noqa: E402
 from common.fedtan.inprocess import InProcessHub  # noqa: E402
 from common.transports.grpc.client import GrpcBNChannel  # noqa: E402
 from common.transports.grpc.service import BNSyncService  # noqa: E402
+
+NAMES = {"grpc": "gRPC", "socket": "socket"}  # bn-sync-protocol: the rows' names
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -56,11 +60,12 @@ def exchange_loop(channel: BNChannel, args) -> tuple[list[float], float]:
 
 
 def latency_client(
-    address: str, round_id: int, client_id: str, credential: str, root: bytes | None, args
+    address: str, round_id: int, client_id: str, credential: str, root: bytes | None, args,
+    protocol: str,
 ) -> tuple[list[float], float]:
     with GrpcBNChannel(
         address, round_id=round_id, client_id=client_id, credential=credential,
-        root_certificates=root,
+        root_certificates=root, protocol=protocol,
     ) as channel:  # fmt: skip
         return exchange_loop(channel, args)
 
@@ -92,9 +97,8 @@ def report(title: str, per_client: dict[str, tuple[list[float], float]], args) -
     )
 
 
-def bench_latency(service: BNSyncService, root: bytes | None, args) -> None:
+def bench_latency(services: dict[str, BNSyncService], root: bytes | None, args) -> None:
     ids = [f"c{k}" for k in range(args.clients)]
-    address = f"127.0.0.1:{service.port}"
     print(
         f"exchange latency: K={args.clients} clients, {args.channels} floats per vector, "
         f"{args.exchanges} timed exchanges (+{args.warmup} warm-up), {'TLS' if root else 'plain'}"
@@ -104,30 +108,32 @@ def bench_latency(service: BNSyncService, root: bytes | None, args) -> None:
         {c: lambda k=k: exchange_loop(hub.channel(k), args) for k, c in enumerate(ids)}
     )
     report("in-process hub, threads", per_client, args)
-
-    credentials = service.open_round(1, ids)
-    params = {c: (address, 1, c, credentials[c], root, args) for c in ids}
-    per_client = run_threads({c: lambda p=p: latency_client(*p) for c, p in params.items()})
-    assert service.close_round(1) is None
-    report("gRPC, client threads", per_client, args)
-    if args.processes:
-        # Separate processes, as deployed: each pays its torch import before its timed loop.
-        credentials = service.open_round(2, ids)
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        procs = [
-            ctx.Process(
-                target=_process_client, args=(queue, address, 2, c, credentials[c], root, args)
-            )
-            for c in ids
-        ]
-        for proc in procs:
-            proc.start()
-        per_client = dict(queue.get(timeout=600) for _ in procs)
-        for proc in procs:
-            proc.join()
-        assert service.close_round(2) is None
-        report("gRPC, client processes", per_client, args)
+    for protocol, service in services.items():
+        address, name = f"127.0.0.1:{service.port}", NAMES[protocol]
+        credentials = service.open_round(1, ids)
+        params = {c: (address, 1, c, credentials[c], root, args, protocol) for c in ids}
+        per_client = run_threads({c: lambda p=p: latency_client(*p) for c, p in params.items()})
+        assert service.close_round(1) is None
+        report(f"{name}, client threads", per_client, args)
+        if args.processes:
+            # Separate processes, as deployed: each pays its torch import before its timed loop.
+            credentials = service.open_round(2, ids)
+            ctx = mp.get_context("spawn")
+            queue = ctx.Queue()
+            procs = [
+                ctx.Process(
+                    target=_process_client,
+                    args=(queue, address, 2, c, credentials[c], root, args, protocol),
+                )
+                for c in ids
+            ]
+            for proc in procs:
+                proc.start()
+            per_client = dict(queue.get(timeout=600) for _ in procs)
+            for proc in procs:
+                proc.join()
+            assert service.close_round(2) is None
+            report(f"{name}, client processes", per_client, args)
 
 
 class SmallCNN(nn.Sequential):
@@ -173,7 +179,7 @@ def timed_step(
     return time.perf_counter() - start
 
 
-def bench_step(service: BNSyncService, root: bytes | None, args) -> None:
+def bench_step(services: dict[str, BNSyncService], root: bytes | None, args) -> None:
     torch.manual_seed(0)
     model = SmallCNN(args.bn_layers)
     g = torch.Generator().manual_seed(0)
@@ -182,17 +188,21 @@ def bench_step(service: BNSyncService, root: bytes | None, args) -> None:
          torch.randint(0, 10, (args.batch,), generator=g))
         for k in range(args.clients)
     ]  # fmt: skip
-    address = f"127.0.0.1:{service.port}"
     round_ids, last_round = iter(range(1000, 10**6)), [0]
 
-    def grpc_channels() -> Callable[[int], BNChannel]:
-        rid, ids = next(round_ids), [f"c{k}" for k in range(args.clients)]
-        last_round[0] = rid
-        creds = service.open_round(rid, ids)
-        return lambda k: GrpcBNChannel(
-            address, round_id=rid, client_id=ids[k], credential=creds[ids[k]],
-            root_certificates=root,
-        )  # fmt: skip
+    def service_channels(protocol: str) -> Callable[[], Callable[[int], BNChannel]]:
+        service = services[protocol]
+
+        def channels() -> Callable[[int], BNChannel]:
+            rid, ids = next(round_ids), [f"c{k}" for k in range(args.clients)]
+            last_round[0] = rid
+            creds = service.open_round(rid, ids)
+            return lambda k: GrpcBNChannel(
+                f"127.0.0.1:{service.port}", round_id=rid, client_id=ids[k],
+                credential=creds[ids[k]], root_certificates=root, protocol=protocol,
+            )  # fmt: skip
+
+        return channels
 
     def hub_channels() -> Callable[[int], BNChannel]:
         hub = InProcessHub(args.clients, timeout=60)
@@ -201,14 +211,15 @@ def bench_step(service: BNSyncService, root: bytes | None, args) -> None:
     modes = {
         "local (no sync)": lambda: lambda k: None,
         "in-process hub": hub_channels,
-        "gRPC": grpc_channels,
+        **{NAMES[p]: service_channels(p) for p in services},
     }
+    protocol_of = {NAMES[p]: p for p in services}
     times: dict[str, list[float]] = {name: [] for name in modes}
     for rep in range(args.repeats + 1):  # the first repetition warms up and is dropped
         for name, make in modes.items():  # interleaved, so that drifts hit all modes alike
             elapsed = timed_step(model, batches, make(), args.clients)
-            if name == "gRPC":
-                assert service.close_round(last_round[0]) is None
+            if name in protocol_of:
+                assert services[protocol_of[name]].close_round(last_round[0]) is None
             if rep:
                 times[name].append(elapsed)
     median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
@@ -220,11 +231,13 @@ def bench_step(service: BNSyncService, root: bytes | None, args) -> None:
     )
     for name, value in median.items():
         print(f"  {name:16s} {value:8.1f} ms")
-    hub, grpc_ms = median["in-process hub"], median["gRPC"]
-    print(
-        f"  gRPC / in-process = {grpc_ms / hub:.2f}x;  gRPC overhead {grpc_ms - hub:.1f} ms "
-        f"= {(grpc_ms - hub) / exchanges:.2f} ms per exchange"
-    )
+    hub = median["in-process hub"]
+    for name in protocol_of:
+        ms = median[name]
+        print(
+            f"  {name} / in-process = {ms / hub:.2f}x;  {name} overhead {ms - hub:.1f} ms "
+            f"= {(ms - hub) / exchanges:.2f} ms per exchange"
+        )
 
 
 def main() -> None:
@@ -241,6 +254,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument(
+        "--protocols", nargs="+", choices=list(NAMES), default=list(NAMES), help="carriers"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
 
@@ -251,10 +267,14 @@ def main() -> None:
 
         certs = make_certs(Path(tempfile.mkdtemp(prefix="bn-bench-certs-")))
         tls, root = (certs.server_chain, certs.server_key), certs.ca_cert
-    with BNSyncService("127.0.0.1", 0, tls=tls, timeout=60) as service:
-        bench_latency(service, root, args)
+    with ExitStack() as stack:
+        services = {
+            p: stack.enter_context(BNSyncService("127.0.0.1", 0, tls=tls, timeout=60, protocol=p))
+            for p in args.protocols
+        }
+        bench_latency(services, root, args)
         if not args.skip_step:
-            bench_step(service, root, args)
+            bench_step(services, root, args)
 
 
 if __name__ == "__main__":

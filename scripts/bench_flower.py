@@ -521,7 +521,8 @@ def timed_rounds(metrics_csv: Path, meter: CpuMeter) -> tuple[float, dict]:
 
 
 def print_channel_latency(cfg: RunConfig, clients: int) -> None:
-    """One exchange of the gRPC BN sync channel on loopback, from scripts/bench_bn_channel.py."""
+    """One exchange of the BN sync channel on loopback over each carrier (gRPC, socket), from
+    scripts/bench_bn_channel.py."""
     bn = [m for m in task.build_global_model(cfg).modules() if isinstance(m, _BatchNorm)]
     if not bn:
         return

@@ -147,9 +147,11 @@ def test_grpc_transport_in_deployment_matches_in_process_engine(tmp_path):
 
 
 @pytest.mark.slow
-def test_blocks_of_rounds_in_deployment_give_the_in_process_engine_model(tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "socket"])
+def test_blocks_of_rounds_in_deployment_give_the_in_process_engine_model(tmp_path, protocol):
     """3 rounds in blocks of 2: a Flower message per client opens rounds 1 and 3, none the
-    others; each ClientApp process trains its block's rounds over the service."""
+    others; each ClientApp process trains its block's rounds over the service (its calls over
+    ``protocol``)."""
     deadline, phases = Deadline(TIMEOUT_S), PhaseTimer()
     home, out, log_dir = tmp_path / "flwr-home", tmp_path / "out", tmp_path / "logs"
     env = flower_env(home)
@@ -159,6 +161,7 @@ def test_blocks_of_rounds_in_deployment_give_the_in_process_engine_model(tmp_pat
         **SYNC_TIMEOUT,
         "num-rounds": 3,
         "rounds-per-message": 2,
+        "bn-sync-protocol": protocol,
         "output-dir": str(out),
     }
 

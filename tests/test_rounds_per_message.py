@@ -661,9 +661,11 @@ def test_a_wrong_rounds_per_message_fails_at_start_naming_the_key(override, mess
 
 
 @pytest.mark.slow
-def test_blocks_under_the_ray_simulation_give_the_in_process_engine_model(tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "socket"])
+def test_blocks_under_the_ray_simulation_give_the_in_process_engine_model(tmp_path, protocol):
     """``flwr run . local``: 3 simulated SuperNodes on 3 Ray actors, 6 rounds in blocks of 5
-    (one of 5, one of 1); every process started is stopped (tests/test_flower_runtime.py)."""
+    (one of 5, one of 1), the service's calls over ``protocol``; every process started is
+    stopped (tests/test_flower_runtime.py)."""
     from tests.test_flower_runtime import SIMULATION_TIMEOUT_S, assert_same_model, reference_config
     from tests.test_resume import simulate
 
@@ -679,6 +681,7 @@ def test_blocks_under_the_ray_simulation_give_the_in_process_engine_model(tmp_pa
         "output-dir": str(out),
         "transport": "grpc",
         "rounds-per-message": 5,
+        "bn-sync-protocol": protocol,
     }
     simulate(tmp_path, "blocks", run_config, Deadline(SIMULATION_TIMEOUT_S), actors=3)
     summary = json.loads((out / "summary.json").read_text())
