@@ -10,7 +10,8 @@
 #      (scripts/bench_flower.py), the peak GPU memory of each, and the projected wall time of
 #      the reference's 10,000 rounds;
 #   4. the same with E = 1 in blocks of rounds (run config rounds-per-message: half the rounds,
-#      at least 2), the fast path whose projected 10,000 rounds issue 17 wants under 1 hour.
+#      at least 2), the fast path whose projected 10,000 rounds issue 17 wants under 1 hour,
+#      with the BN sync service's calls over gRPC and over sockets (bn-sync-protocol).
 #
 # Everything also runs on the CPU (only the device differs): "auto" (default) uses the GPU when
 # torch sees one; --cpu forces the CPU, with 5 rounds and the CPU parameters of the same tests.
@@ -124,7 +125,8 @@ if [ "$QUICK" = 0 ]; then
     : > "$PEAK_FILE"
     "$PYTHON" scripts/bench_flower.py --clients "$CLIENTS" --rounds "$ROUNDS" --model resnet20 \
         --dataset synthetic --batch "$BATCH" --local-steps 1 --transports grpc \
-        --rounds-per-message "$BLOCK" --gpus-per-client "$GPU_SHARE" --project 10000
+        --rounds-per-message "$BLOCK" --bn-sync-protocols grpc socket \
+        --gpus-per-client "$GPU_SHARE" --project 10000
     if [ "$MODE" = gpu ]; then
         echo "peak GPU memory in use (nvidia-smi, all processes): $(sort -n "$PEAK_FILE" | tail -1) MiB"
     fi
