@@ -653,10 +653,13 @@ def test_client_killed_before_backward(services, channels) -> None:
         assert "'c2' sent nothing for backward of layer '5' (seq 2) within 1 s" in str(error)
 
 
-def test_client_disconnecting_while_waiting_aborts_at_once(services, channels) -> None:
-    service = services(timeout=PATIENT)
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_client_disconnecting_while_waiting_aborts_at_once(services, channels, tmp_path, tls):
+    certs = make_certs(tmp_path) if tls else None
+    service = services(timeout=PATIENT, tls=(certs.server_chain, certs.server_key) if tls else None)
     credentials = service.open_round(1, CLIENTS)
-    c2 = channels(service, 1, "c2", credentials["c2"])
+    root = certs.ca_cert if tls else None
+    c2 = channels(service, 1, "c2", credentials["c2"], root_certificates=root)
 
     def killer() -> None:
         wait_until_waiting(service, 1, 1)  # c2 is parked in the first exchange
@@ -668,7 +671,8 @@ def test_client_disconnecting_while_waiting_aborts_at_once(services, channels) -
     )
     assert set(errors) == {"c2"} and elapsed < FAST
     with pytest.raises(BNSyncError, match="'c2' disconnected or cancelled its request"):
-        channels(service, 1, "c0", credentials["c0"]).reduce_moments("bn1", moments(0))
+        c0 = channels(service, 1, "c0", credentials["c0"], root_certificates=root)
+        c0.reduce_moments("bn1", moments(0))
 
 
 def test_client_deadline_bounds_the_wait_and_aborts_the_round(services, channels) -> None:
