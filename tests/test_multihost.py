@@ -13,7 +13,8 @@
   SuperNode in each of the others, with its own client certificate in its node config, reaching
   the server over 10.251.0.0/24 only. It also checks that the BN sync service admits only TLS
   clients with a certificate of its client CA, and that a SuperNode with an unregistered key
-  is refused.
+  is refused. It and the blocks test run over each carrier of the service's calls
+  (``bn-sync-protocol``: gRPC, and framed messages on a socket).
 
 Every wait is bounded by the test's budget (``FEDTAN_MULTIHOST_TEST_TIMEOUT_S``, default 300,
 per test); every process, namespace, veth and the bridge are removed in ``finally``. Run with
@@ -199,36 +200,35 @@ SERVER_IP = f"{SUBNET}.1"
 LINK_PORT, SYNC_PORT, NODE_PORT, ROGUE_PORT = 9093, 9099, 9094, 9095
 CAP_NET_ADMIN = 12
 
-# Run inside a client namespace: the same request to the BN sync service three ways.
+# Run inside a client namespace: the same request to the BN sync service five ways, over the
+# run's carrier (bn-sync-protocol), through the project's own client connection.
 TLS_PROBE = r"""
 import json, sys
-import grpc
-address, method, ca, other_ca, client, stranger = sys.argv[1:7]
-
-def call(channel):
-    try:
-        channel.unary_unary(method)(b"probe", timeout=20)
-        return ["OK", ""]
-    except grpc.RpcError as error:
-        return [error.code().name, error.details()]
-    finally:
-        channel.close()
+from common.transports.grpc.calls import CallFailed, connect
+from common.transports.grpc.wire import Caller
+protocol, address, method, ca, other_ca, client, stranger = sys.argv[1:8]
 
 def read(path):
     with open(path, "rb") as f:
         return f.read()
 
-def tls(path, client=None):
-    chain, key = (read(client + ".pem"), read(client + ".key")) if client else (None, None)
-    credentials = grpc.ssl_channel_credentials(read(path), key, chain)
-    return grpc.secure_channel(address, credentials)
+def call(root=None, client=None):
+    chain = (read(client + ".pem"), read(client + ".key")) if client else None
+    connection = connect(protocol, address, read(root) if root else None, chain)
+    try:
+        connection.call(method, Caller(0, "", ""), b"probe", 20)  # names no client
+        return ["OK", ""]
+    except CallFailed as error:
+        return [error.code.name, error.details]
+    finally:
+        connection.close()
 
 print(json.dumps({
-    "plaintext": call(grpc.insecure_channel(address)),
-    "tls-no-client-certificate": call(tls(ca)),
-    "tls-other-ca": call(tls(other_ca, client)),
-    "mutual-tls": call(tls(ca, client)),
-    "mutual-tls-other-client-ca": call(tls(ca, stranger)),
+    "plaintext": call(),
+    "tls-no-client-certificate": call(ca),
+    "tls-other-ca": call(other_ca, client),
+    "mutual-tls": call(ca, client),
+    "mutual-tls-other-client-ca": call(ca, stranger),
 }))
 """
 
@@ -357,7 +357,8 @@ def wait_for_exit(proc: ManagedProcess, *, timeout: float) -> int:
 
 
 @pytest.mark.slow
-def test_multihost_netns_mutual_tls_and_supernode_auth_over_grpc(tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "socket"])
+def test_multihost_netns_mutual_tls_and_supernode_auth_over_grpc(tmp_path, protocol):
     reason = netns_unavailable()
     if reason is not None:
         pytest.skip(reason)
@@ -397,6 +398,7 @@ def test_multihost_netns_mutual_tls_and_supernode_auth_over_grpc(tmp_path):
         "bn-sync-keyfile": str(certs / "server.key"),
         "bn-sync-ca-certfile": str(certs / "ca.pem"),
         "bn-sync-client-ca-certfile": str(certs / "clients" / "client-ca.pem"),
+        "bn-sync-protocol": protocol,
     }
     run_toml = write_run_config(tmp_path / "run-config.toml", run_config)
     lab = Lab({"server": SERVER_IP, "c0": f"{SUBNET}.11", "c1": f"{SUBNET}.12"})
@@ -503,7 +505,7 @@ def test_multihost_netns_mutual_tls_and_supernode_auth_over_grpc(tmp_path):
 
         probe = subprocess.run(
             [*lab.exec("c0"), sys.executable, "-c", TLS_PROBE]
-            + [f"{SERVER_IP}:{SYNC_PORT}", REDUCE_METHOD]
+            + [protocol, f"{SERVER_IP}:{SYNC_PORT}", REDUCE_METHOD]
             + [str(certs / "ca.pem"), str(other_certs / "ca.pem")]
             + [str(certs / "clients" / "c0"), str(other_certs / "clients" / "c0")],
             capture_output=True,
