@@ -332,7 +332,12 @@ class SocketServer:
             if full or self._stopping.is_set():
                 sock.close()  # beyond the cap: refused before it costs a thread
                 continue
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had: this connection is refused, not all
+                with self._lock:
+                    self._connections.pop(sock, None)
+                sock.close()
 
     def _serve(self, raw: socket.socket) -> None:
         sock = raw
@@ -347,7 +352,7 @@ class SocketServer:
                 head = _recv_head(sock, time.monotonic() + wait, self._limits.handshake_timeout)
                 if head is None:
                     return  # closed between calls, or idle too long
-                if self._call(sock, head):
+                if self._call(sock, head, admitted):
                     admitted = True
                 elif not admitted:
                     return  # an outsider's refused call ends its connection
@@ -358,8 +363,9 @@ class SocketServer:
                 self._connections.pop(raw, None)
             _close_gently(sock)
 
-    def _call(self, sock: socket.socket, head: bytes) -> bool:
-        """Answer one call; whether its caller was admitted."""
+    def _call(self, sock: socket.socket, head: bytes, known: bool) -> bool:
+        """Answer one call; whether its caller was admitted. ``known``: a call of this
+        connection was admitted before (else the connection ends if this one is refused)."""
         magic, method_code, round_id, n_client, n_credential, n_body = CALL_HEAD.unpack(head)
         deadline = time.monotonic() + self._timeout
         if magic != _MAGIC or method_code not in METHODS:
@@ -391,8 +397,9 @@ class SocketServer:
         try:
             answer = self._service.admit(METHODS[method_code], caller)
         except Refusal as refusal:
-            read()  # read and dropped: the connection stays in step for the refusal
-            _reply(sock, refusal)
+            if known:
+                read()  # dropped, so that the connection's next call comes next
+            _reply(sock, refusal)  # an outsider's body is left to _close_gently
             return False
         try:
             result: bytes | Refusal = answer(read, lambda gone: self._watcher.watch(sock, gone))
