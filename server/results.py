@@ -118,6 +118,7 @@ RESUMABLE_CHANGES = frozenset(
         "bn-sync-certfile",
         "bn-sync-keyfile",
         "bn-sync-ca-certfile",
+        "bn-sync-protocol",
     }
 )
 

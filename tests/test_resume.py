@@ -103,6 +103,15 @@ def test_a_finished_run_extended_to_more_rounds_is_the_longer_run(tmp_path):
     assert_same_run(tmp_path / "parts", tmp_path / "whole")
 
 
+def test_a_run_resumed_over_the_other_carrier_of_the_bn_sync_calls_is_the_same_run(tmp_path):
+    """What carries the BN sync service's calls changes no model: a resume may switch it."""
+    grpc = {"transport": "grpc", "bn-sync-timeout": 10.0}
+    run(tmp_path / "whole", **grpc)
+    run(tmp_path / "parts", **grpc, **{"num-rounds": 2})
+    run(tmp_path / "parts", resume=True, **grpc, **{"bn-sync-protocol": "socket"})
+    assert_same_run(tmp_path / "parts", tmp_path / "whole")
+
+
 def test_a_run_that_failed_after_round_2_resumes_from_there(tmp_path, monkeypatch):
     run(tmp_path / "whole")
     real, calls = task.evaluate, []
