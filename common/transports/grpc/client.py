@@ -286,8 +286,6 @@ class GrpcBlockChannel:
         wait: float = 600.0,
         protocol: str = "grpc",
     ) -> None:
-        if client_certificate is not None and root_certificates is None:
-            raise ValueError("a client certificate needs TLS (root_certificates)")
         self.address, self.block_id, self.client_id = address, block_id, client_id
         self._root, self._timeout, self._wait = root_certificates, timeout, wait
         self._caller = Caller(block_id, client_id, credential)

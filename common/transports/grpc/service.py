@@ -174,6 +174,11 @@ class Limits:
     max_block_request: int = 0
     max_block_reply: int = 0
 
+    @property
+    def largest_request(self) -> int:
+        """The most bytes a call may send: an exchange of the largest layer, or an upload."""
+        return max(request_size(self.max_channels), self.max_block_request)
+
 
 @dataclass(frozen=True)
 class RoundAbort:
@@ -585,15 +590,13 @@ class BNSyncService:
         return port
 
     def _start_sockets(self) -> int:
-        limits = self.limits
         try:
             server = SocketServer(
                 self,
                 self._host,
                 self._bind_port,
-                limits=limits,
+                limits=self.limits,
                 timeout=self._timeout,
-                max_request=max(request_size(limits.max_channels), limits.max_block_request),
                 tls=self._tls,
                 client_ca=self._client_ca,
             )
@@ -615,10 +618,7 @@ class BNSyncService:
         limits = self.limits
         return [
             ("grpc.so_reuseport", 0),  # else a second service could bind the port, steal clients
-            (
-                "grpc.max_receive_message_length",
-                max(request_size(limits.max_channels), limits.max_block_request),
-            ),
+            ("grpc.max_receive_message_length", limits.largest_request),
             (
                 "grpc.max_send_message_length",
                 max(frame_size(limits.max_channels), limits.max_block_reply),

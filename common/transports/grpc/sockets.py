@@ -256,12 +256,11 @@ class SocketServer:
         *,
         limits: Limits,
         timeout: float,
-        max_request: int,
         tls: tuple[bytes, bytes] | None = None,
         client_ca: bytes | None = None,
     ) -> None:
         self._service, self._limits, self._timeout = service, limits, timeout
-        self._max_request = max_request
+        self._max_request = limits.largest_request
         self._tls: ssl.SSLContext | None = None
         if tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
