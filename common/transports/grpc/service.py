@@ -792,9 +792,7 @@ class BNSyncService:
     def _serve_round(self, rnd: _Round, client_id: str, read: Read, watch: Watch) -> bytes:
         """An admitted member's call: read its one request, contribute, answer."""
         with rnd.call(client_id):
-            body = read()
-            if body is None:
-                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+            body = _request(read)
             try:
                 req = decode_request(body)
             except BNSyncError as error:
@@ -804,9 +802,7 @@ class BNSyncService:
     def _serve_block(self, block: Block, client_id: str, read: Read) -> bytes:
         """An admitted block member's call: read its one request, answer it."""
         with block.call(client_id):
-            body = read()
-            if body is None:
-                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+            body = _request(read)
             try:
                 request = decode_block_request(body)
             except BNSyncError as error:
@@ -878,6 +874,14 @@ def _refuse(refusal: Refusal) -> Callable[[Iterator[bytes], grpc.ServicerContext
 
 def _unreachable(request: bytes, context: grpc.ServicerContext) -> bytes:
     context.abort(grpc.StatusCode.INTERNAL, "BN sync call not routed through the gate")
+
+
+def _request(read: Read) -> bytes:
+    """An admitted call's request; a call that carried none is refused."""
+    body = read()
+    if body is None:
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+    return body
 
 
 def _where(phase: str, layer: str, seq: int) -> str:
