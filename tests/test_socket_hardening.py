@@ -206,7 +206,8 @@ def test_a_member_that_hangs_up_while_waiting_aborts_the_round_at_once(
 
 
 def test_stop_ends_every_connection_and_thread(services, channels, closing) -> None:
-    service = services()
+    """At once: not by waiting for the idle connections' timeouts."""
+    service = services(limits=Limits(handshake_timeout=60.0, idle_timeout=60.0))
     credentials = service.open_round(1, CLIENTS)
     idle = [dial(service, closing) for _ in range(3)]
     waiting = channels(service, 1, "c0", credentials["c0"])
@@ -221,7 +222,9 @@ def test_stop_ends_every_connection_and_thread(services, channels, closing) -> N
     thread = threading.Thread(target=wait, daemon=True)
     thread.start()
     wait_until_waiting(service, 1, 1)
+    start = time.monotonic()
     service.stop()
+    assert time.monotonic() - start < FAST
     thread.join(FAST)
     assert "stopped" in str(result["c0"])
     for sock in idle:
